@@ -1,0 +1,1 @@
+"""Evaluation data: real benchmarks from VLMEvalKit TSV files (and the synthetic suite)."""
