@@ -1,0 +1,160 @@
+"""Token reducers between the vision encoder and the projector: (B, N, Dv) -> (B, N_l, Dv).
+
+``none`` keeps every token; ``pool-avg`` / ``pool-max`` pool the patch grid (training-free);
+``pool-question`` keeps the N_l tokens the question attends to most (training-free);
+``fusion`` / ``fusion-noq`` run N_l nested learned queries through a few blocks of
+[self-attention -> question-conditioned cross-attention -> MLP], with or without the question.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from tokengine.ops import QCCrossAttention, qc_cross_attention, token_pool
+
+REDUCERS = ("none", "pool-avg", "pool-max", "pool-question", "fusion", "fusion-noq")
+TRAINED = ("fusion", "fusion-noq")
+
+
+@dataclass
+class FusionConfig:
+    """Shape of the fusion reducer (stored as ``reducer`` in tokengine's config.json)."""
+
+    vision_dim: int  # width of the image tokens, in and out
+    text_dim: int  # width of the LM's token embeddings (the question)
+    num_queries: int = 576  # N_max: N_l uses the first N_l queries
+    num_layers: int = 2
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    mlp_ratio: float = 4.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _FusionBlock(nn.Module):
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        d = cfg.vision_dim
+        self.norm_self, self.norm_cross, self.norm_kv, self.norm_mlp = (
+            nn.LayerNorm(d) for _ in range(4)
+        )
+        self.self_attn = nn.MultiheadAttention(d, cfg.num_heads, batch_first=True)
+        self.cross_attn = QCCrossAttention(d, cfg.num_heads, cfg.num_kv_heads)
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, x, image, text, cu_seqlens):
+        h = self.norm_self(x)
+        x = x + self.self_attn(h, h, h, need_weights=False)[0]
+        text = None if text is None else self.norm_kv(text)
+        x = x + self.cross_attn(self.norm_cross(x), self.norm_kv(image), text, cu_seqlens)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class FusionReducer(nn.Module):
+    """Nested learned queries that read the image tokens and (optionally) the question.
+
+    One checkpoint serves every N_l <= N_max: training samples N_l, and N_l always uses the
+    first N_l queries, so the first queries learn to carry the most information.
+    """
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.vision_dim) * 0.02)
+        self.text_in = nn.Linear(cfg.text_dim, cfg.vision_dim)
+        self.blocks = nn.ModuleList(_FusionBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm_out = nn.LayerNorm(cfg.vision_dim)
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        tokens: int,
+        question: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """image (B, N, Dv), question (T, text_dim) packed by cu_seqlens -> (B, tokens, Dv)."""
+        if not 1 <= tokens <= self.config.num_queries:
+            raise ValueError(
+                f"tokens must be in 1..{self.config.num_queries} (the fusion reducer's "
+                f"learned queries), got {tokens}"
+            )
+        x = self.queries[:tokens].unsqueeze(0).expand(image.shape[0], -1, -1)
+        text = None if question is None else self.text_in(question)
+        for block in self.blocks:
+            x = block(x, image, text, cu_seqlens)
+        return self.norm_out(x)
+
+
+def question_guided_scores(
+    image_lm: torch.Tensor, question_lm: torch.Tensor, cu_seqlens: torch.Tensor, head_dim: int = 128
+) -> torch.Tensor:
+    """(B, N) attention mass the question's token embeddings give each image token.
+
+    ``image_lm`` (B, N, Dlm) are the projected image tokens, ``question_lm`` (T, Dlm) the packed
+    question embeddings. The embedding is split into heads of ``head_dim`` (<= 256, the ops'
+    limit); each sample is one call since question lengths differ. A sample without a question
+    gets uniform scores.
+    """
+    B, N, D = image_lm.shape
+    heads = max(1, D // head_dim) if D % head_dim == 0 else 1
+    if D // heads > 256:
+        raise ValueError(f"the LM width {D} cannot be split into heads of <= 256")
+    d = D // heads
+    scores = image_lm.new_full((B, N), 1.0 / N, dtype=torch.float32)
+    for b in range(B):
+        s, e = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
+        if e == s:
+            continue
+        q = question_lm[s:e].reshape(1, e - s, heads, d)
+        k = image_lm[b : b + 1].reshape(1, N, heads, d)
+        scores[b] = qc_cross_attention(q, k, k, return_attn_mass=True)[1][0]
+    return scores
+
+
+def reduce_tokens(
+    reducer: str,
+    image: torch.Tensor,
+    tokens: int,
+    *,
+    grid: tuple[int, int] | None = None,
+    fusion: FusionReducer | None = None,
+    question: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply ``reducer`` to image tokens (B, N, Dv) -> (B, tokens, Dv).
+
+    ``question`` (T, Dlm) packed with ``cu_seqlens`` feeds ``fusion``; ``scores`` (B, N) feed
+    ``pool-question`` (see :func:`question_guided_scores`), which keeps the top-scoring tokens
+    in their original order (top-k, as training-free question-guided pruning does).
+    """
+    if reducer not in REDUCERS:
+        raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
+    N = image.shape[1]
+    if reducer == "none":
+        if tokens != N:
+            raise ValueError(f"reducer 'none' keeps all {N} tokens; got tokens={tokens}")
+        return image
+    if reducer in ("pool-avg", "pool-max"):
+        return token_pool(image, tokens, grid=grid, mode=reducer.removeprefix("pool-"))
+    if reducer == "pool-question":
+        return token_pool(image, tokens, grid=grid, mode="topk", scores=scores)[0]
+    if fusion is None:
+        raise ValueError(f"reducer {reducer!r} needs trained fusion weights; this model has none")
+    if reducer == "fusion-noq":
+        question = cu_seqlens = None
+    return fusion(image, tokens, question, cu_seqlens)
+
+
+__all__ = [
+    "REDUCERS",
+    "FusionConfig",
+    "FusionReducer",
+    "question_guided_scores",
+    "reduce_tokens",
+]
