@@ -36,6 +36,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENGINE_FILE = "tokengine_config.json"  # tokengine's additions (the fusion reducer's shape)
 
 # (HF prefix, local prefix); the first match wins, so longer roots come first.
 _VISION_ROOTS = (
@@ -172,6 +173,24 @@ def read_tokenizer(path: str | PathLike) -> Tokenizer | None:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises plain Exception on a malformed file
         raise ValueError(f"{file} is not a valid tokenizers file: {e}") from e
+
+
+def read_tokengine_config(path: str | PathLike) -> dict:
+    """``path/tokengine_config.json`` ({} when absent: a plain HF checkpoint)."""
+    file = _model_dir(path) / TOKENGINE_FILE
+    if not file.is_file():
+        return {}
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(d).__name__}")
+    return d
+
+
+def write_tokengine_config(path: str | PathLike, d: dict) -> None:
+    (Path(path) / TOKENGINE_FILE).write_text(json.dumps(d, indent=2) + "\n")
 
 
 def write_checkpoint(

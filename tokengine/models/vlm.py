@@ -16,6 +16,7 @@ from tokengine.models.config import VLMConfig
 from tokengine.models.lm import LlamaDecoder
 from tokengine.models.preprocess import PREPROCESSOR_FILE, ImageProcessor
 from tokengine.models.projector import Projector
+from tokengine.models.reducer import FusionConfig, FusionReducer
 from tokengine.models.vision import VisionTower
 
 
@@ -190,14 +191,18 @@ class VLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> VLM:
-        """Load an HF-format LLaVA checkpoint directory (config.json + safetensors).
+        """Load an HF-format LLaVA checkpoint directory (config.json + safetensors), or
+        tokengine's format: the same plus ``tokengine_config.json`` and the reducer's weights.
 
         Both HF key layouts are read (see :mod:`tokengine.models.loading`); weights are cast
         to ``dtype`` and placed on ``device`` without a random initialisation first.
         """
         config = loading.read_config(path)
+        fusion = loading.read_tokengine_config(path).get("reducer")
         with torch.device("meta"):
             model = cls(config)
+            if fusion is not None:  # tokengine's own format: trained fusion reducer weights
+                model.reducer = FusionReducer(FusionConfig(**fusion))
         state = loading.read_weights(path, model.state_dict(), dtype=dtype, device=device)
         model.load_state_dict(state, assign=True)
         model.image_processor = ImageProcessor.from_pretrained(path, config.vision.image_size)
@@ -210,6 +215,8 @@ class VLM(nn.Module):
         ``from_pretrained`` and by ``LlavaForConditionalGeneration`` (which initialises the
         vision layers this model skips at random; LLaVA never uses them)."""
         loading.write_checkpoint(path, self.config, self.state_dict())
+        if isinstance(self.reducer, FusionReducer):
+            loading.write_tokengine_config(path, {"reducer": self.reducer.config.to_dict()})
         (Path(path) / PREPROCESSOR_FILE).write_text(
             json.dumps(self.image_processor.to_dict(), indent=2) + "\n"
         )

@@ -1,0 +1,219 @@
+"""Engine: every reducer at every N_l, nested fusion queries, batch invariance, clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
+from tokenizers.processors import TemplateProcessing
+
+from tokengine.engine import Engine
+from tokengine.models import VLM, LMConfig, VisionConfig, VLMConfig
+from tokengine.models.reducer import FusionConfig, FusionReducer
+
+WORDS = [
+    "USER",
+    ":",
+    "ASSISTANT",
+    "?",
+    "what",
+    "colour",
+    "is",
+    "the",
+    "square",
+    "how",
+    "many",
+    "circles",
+    "are",
+    "there",
+    "red",
+    "blue",
+    "yes",
+    "no",
+    "left",
+    "of",
+    "a",
+]
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+TOKEN_COUNTS = [1, 16, 64, 144, 256, 576]
+QUESTIONS = [
+    "what colour is the square ?",
+    "how many circles are there ?",
+    "is",
+    "red ?",
+    "is the square left of the circle ?",
+    "what is the colour of a square ?",
+    "blue",
+    "are there many red circles left of the blue square ?",
+]
+
+
+def tokenizer() -> Tokenizer:
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIAL)
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+@pytest.fixture(scope="module")
+def vlm() -> VLM:
+    """A random model with a 24x24 = 576-token grid (48 px, patch 2) and a fusion reducer."""
+    torch.manual_seed(0)
+    vocab = len(SPECIAL) + len(WORDS)
+    config = VLMConfig(
+        vision=VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=48,
+            patch_size=2,
+        ),
+        text=LMConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        image_token_index=4,
+        vision_feature_layer=-1,
+    )
+    model = VLM(config)
+    model.reducer = FusionReducer(
+        FusionConfig(vision_dim=32, text_dim=64, num_queries=576, num_layers=1, num_heads=4)
+    )
+    with torch.no_grad():  # fan-in scaled weights so greedy answers vary with the input
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                # peaky LM attention, so that each answer hangs on particular tokens
+                gain = 1.0 if "embed_tokens" in name else 1 / math.sqrt(p.shape[-1])
+                gain *= (
+                    3.0
+                    if name.startswith("lm.") and ("q_proj" in name or "k_proj" in name)
+                    else 1.0
+                )
+                p.normal_(0, gain)
+    model.tokenizer = tokenizer()
+    return model.eval()
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (40 + i, 56, 3), dtype=np.uint8)) for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    "reducer", ["pool-avg", "pool-max", "pool-question", "fusion", "fusion-noq"]
+)
+def test_every_reducer_at_every_token_count(vlm, reducer):
+    engine = Engine(vlm)
+    seen = []
+    hook = vlm.lm.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    try:
+        for tokens in TOKEN_COUNTS:
+            seen.clear()
+            res = engine.generate(
+                images(2), QUESTIONS[:2], tokens=tokens, reducer=reducer, max_new_tokens=3
+            )
+            assert res.image_tokens == [tokens, tokens]
+            # the prefill's sequence: the longest text prompt plus exactly N_l image slots
+            text_len = max(len(engine._prompt_ids(q, 0)) for q in QUESTIONS[:2])
+            assert seen[0] == text_len + tokens
+            assert len(res.texts) == 2 and all(len(ids) <= 3 for ids in res.token_ids)
+    finally:
+        hook.remove()
+
+
+def test_reducer_none_keeps_all_tokens(vlm):
+    res = Engine(vlm).generate(images(1), QUESTIONS[:1], reducer="none", max_new_tokens=2)
+    assert res.image_tokens == [576]
+    for key in ("vision_ms", "reduce_ms", "prefill_ms", "decode_ms", "peak_memory_mb"):
+        assert res.timings[key] >= 0
+    assert res.ttft_ms[0] > 0
+
+
+def test_fusion_uses_the_first_tokens_queries(vlm):
+    fusion = vlm.reducer
+    image = torch.randn(2, 576, 32)
+    question = torch.randn(5, 64)
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    with torch.no_grad():
+        before = fusion(image, 16, question, cu)
+        saved = fusion.queries.clone()
+        fusion.queries[16:] += 1.0  # queries past N_l must not matter
+        assert torch.equal(fusion(image, 16, question, cu), before)
+        fusion.queries[15] += 1.0  # the N_l-th query must
+        assert not torch.allclose(fusion(image, 16, question, cu), before)
+        fusion.queries.copy_(saved)
+
+
+@pytest.mark.parametrize("reducer,tokens", [("fusion", 64), ("pool-question", 16), ("none", None)])
+def test_answers_do_not_depend_on_batch_size(vlm, reducer, tokens):
+    engine = Engine(vlm)
+    imgs = images(8, seed=1)
+    one = engine.generate(
+        imgs, QUESTIONS, tokens=tokens, reducer=reducer, max_new_tokens=6, batch_size=1
+    )
+    eight = engine.generate(
+        imgs, QUESTIONS, tokens=tokens, reducer=reducer, max_new_tokens=6, batch_size=8
+    )
+    assert one.token_ids == eight.token_ids
+    assert one.texts == eight.texts
+    assert len({tuple(t) for t in one.token_ids}) > 1, "degenerate model: all answers equal"
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(questions=[]), ValueError, "questions must not be empty"),
+        (dict(questions=QUESTIONS[:1], images=images(2)), ValueError, "equal length"),
+        (dict(images=["not an image"]), (TypeError, ValueError, FileNotFoundError), "image"),
+        (dict(images=[42]), TypeError, "image"),
+        (dict(tokens=29, reducer="pool-avg"), ValueError, "valid tokens for this grid"),
+        (dict(tokens=577, reducer="fusion"), ValueError, "tokens must be in 1..576"),
+        (dict(tokens=64, reducer="none"), ValueError, "keeps all 576 tokens"),
+        (dict(reducer="magic"), ValueError, "reducer must be one of"),
+    ],
+)
+def test_bad_input_is_rejected(vlm, kwargs, error, match):
+    args = dict(images=images(1), questions=QUESTIONS[:1], tokens=None, reducer="none")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        Engine(vlm).generate(args.pop("images"), args.pop("questions"), **args)
+
+
+def test_fusion_needs_trained_weights(vlm):
+    reducer, vlm.reducer = vlm.reducer, None
+    try:
+        with pytest.raises(ValueError, match="needs trained fusion weights"):
+            Engine(vlm).generate(images(1), QUESTIONS[:1], tokens=4, reducer="fusion")
+    finally:
+        vlm.reducer = reducer
+
+
+def test_fusion_reducer_round_trips_through_save_pretrained(vlm, tmp_path):
+    vlm.save_pretrained(tmp_path)
+    loaded = VLM.from_pretrained(tmp_path)
+    assert isinstance(loaded.reducer, FusionReducer)
+    a = Engine(vlm).generate(
+        images(2), QUESTIONS[:2], tokens=16, reducer="fusion", max_new_tokens=4
+    )
+    b = Engine(loaded).generate(
+        images(2), QUESTIONS[:2], tokens=16, reducer="fusion", max_new_tokens=4
+    )
+    assert a.token_ids == b.token_ids

@@ -1,0 +1,260 @@
+"""Batched greedy generation over (image, question) pairs at a chosen N_l and reducer.
+
+gpt-fast style: a static KV cache, one prefill and a loop of single-token decode steps, and
+per-stage timings (vision encode, reduce, LM prefill, time to first token, decode tokens/s)
+plus peak memory. Prompts are left-padded so that a sample's answer never depends on the
+batch it is in: its RoPE positions start at 0 and padded cache slots are masked out.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tokengine.models import VLM
+from tokengine.models.preprocess import preprocess_images
+from tokengine.models.reducer import REDUCERS, question_guided_scores, reduce_tokens
+
+LLAVA_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class GenerationResult:
+    """Answers and measurements of one :meth:`Engine.generate` call."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    timings: dict[str, float]  # totals and rates over the call, see Engine.generate
+    ttft_ms: list[float] = field(default_factory=list)  # per sample: its batch's TTFT
+    image_tokens: list[int] = field(default_factory=list)  # image slots each prompt carried
+
+
+class _StageClock:
+    """Wall-clock stage timer; on CUDA, device events so asynchronous kernels are counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def elapsed_ms(self) -> dict[str, float]:
+        """Milliseconds from each mark to the next, keyed by the later mark's name."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:], strict=False):
+            out[name] = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+        return out
+
+
+class Engine:
+    """Greedy VLM generation with a static KV cache.
+
+    Args:
+        vlm: the model (:class:`tokengine.models.VLM`), already on its device and dtype.
+        tokenizer: a ``tokenizers.Tokenizer`` whose vocabulary has ``<image>`` at the model's
+            ``image_token_index``; defaults to the one loaded with the model.
+        template: the prompt with ``<image>`` and ``{question}``; LLaVA-1.5's by default.
+    """
+
+    def __init__(self, vlm: VLM, tokenizer=None, template: str = LLAVA_TEMPLATE) -> None:
+        self.vlm = vlm
+        self.tokenizer = tokenizer if tokenizer is not None else vlm.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("tokenizer is required: the model directory has no tokenizer.json")
+        image_id = self.tokenizer.token_to_id(IMAGE_TOKEN)
+        if image_id != vlm.config.image_token_index:
+            raise ValueError(
+                f"the tokenizer maps {IMAGE_TOKEN!r} to {image_id}, but the model's "
+                f"image_token_index is {vlm.config.image_token_index}"
+            )
+        if IMAGE_TOKEN not in template or "{question}" not in template:
+            raise ValueError(f"template must contain {IMAGE_TOKEN!r} and '{{question}}'")
+        self.template = template
+        eos = vlm.config.text.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Engine:
+        """Load a model directory (see :meth:`VLM.from_pretrained` for ``dtype``/``device``)."""
+        return cls(VLM.from_pretrained(path, **kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vlm.parameters()).device
+
+    def generate(
+        self,
+        images: Sequence,
+        questions: Sequence[str],
+        *,
+        tokens: int | None = None,
+        reducer: str = "none",
+        max_new_tokens: int = 16,
+        batch_size: int = 8,
+    ) -> GenerationResult:
+        """Answer each (image, question) greedily.
+
+        Args:
+            images: PIL images, HxWx3 uint8 arrays or image file paths.
+            questions: one string per image.
+            tokens: N_l, the image tokens the LM sees; None means all of them.
+            reducer: one of ``tokengine.models.reducer.REDUCERS``.
+            max_new_tokens: the answer length limit; generation also stops at EOS.
+            batch_size: samples per forward pass (answers do not depend on it).
+
+        Returns:
+            :class:`GenerationResult` with texts, generated ids (EOS excluded), per-sample TTFT
+            and ``timings``: ``vision_ms``, ``reduce_ms``, ``prefill_ms``, ``decode_ms``
+            (sums over batches), ``decode_tokens_per_s``, ``samples``, ``peak_memory_mb``.
+        """
+        if len(questions) == 0:
+            raise ValueError("questions must not be empty")
+        if len(images) != len(questions):
+            raise ValueError(
+                f"images and questions must have equal length, got {len(images)} and "
+                f"{len(questions)}"
+            )
+        if not all(isinstance(q, str) for q in questions):
+            raise TypeError("questions must be strings")
+        if reducer not in REDUCERS:
+            raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be >= 1")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = GenerationResult([], [], {})
+        totals = dict.fromkeys(("vision_ms", "reduce_ms", "prefill_ms", "decode_ms"), 0.0)
+        decoded = 0
+        for start in range(0, len(questions), batch_size):
+            stop = start + batch_size
+            ids, steps, ttft, stages, n_image = self._generate_batch(
+                images[start:stop], questions[start:stop], tokens, reducer, max_new_tokens
+            )
+            for key in totals:
+                totals[key] += stages[key]
+            decoded += steps * len(ids)  # tokens computed by decode steps (batch-wide)
+            result.token_ids += ids
+            result.texts += [
+                self.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids
+            ]
+            result.ttft_ms += [ttft] * len(ids)
+            result.image_tokens += [n_image] * len(ids)
+        result.timings = {
+            **totals,
+            "decode_tokens_per_s": decoded / (totals["decode_ms"] / 1e3) if decoded else 0.0,
+            "samples": float(len(questions)),
+            "peak_memory_mb": _peak_memory_mb(self.device),
+        }
+        return result
+
+    @torch.inference_mode()
+    def _generate_batch(self, images, questions, tokens, reducer, max_new_tokens):
+        vlm, device = self.vlm, self.device
+        clock = _StageClock(device)
+        clock.mark("start")
+        pixels = preprocess_images(images, vlm.image_processor).to(device, vlm.dtype)
+        features = vlm.encode_images(pixels)  # (B, N, Dv)
+        clock.mark("vision_ms")
+        n_image = features.shape[1] if tokens is None else tokens
+        question_ids = [self.tokenizer.encode(q, add_special_tokens=False).ids for q in questions]
+        lengths = torch.tensor([0] + [len(q) for q in question_ids])
+        cu = lengths.cumsum(0).to(torch.int32).to(device)
+        flat = torch.tensor([t for q in question_ids for t in q], dtype=torch.long, device=device)
+        question = vlm.lm.embed(flat)  # (T, Dlm)
+        scores = None
+        if reducer == "pool-question":
+            scores = question_guided_scores(vlm.project(features), question, cu)
+        reduced = reduce_tokens(
+            reducer,
+            features,
+            n_image,
+            fusion=vlm.reducer,
+            question=question,
+            cu_seqlens=cu,
+            scores=scores,
+        )
+        image_embeds = vlm.project(reduced)  # (B, N_l, Dlm)
+        clock.mark("reduce_ms")
+
+        prompts = [self._prompt_ids(q, n_image) for q in questions]
+        B, S = len(prompts), max(len(p) for p in prompts)
+        pad = [S - len(p) for p in prompts]
+        ids = torch.zeros(B, S, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids[b, pad[b] :] = torch.tensor(p, device=device)
+        embeds = vlm.lm.embed(ids)
+        is_image = ids == vlm.config.image_token_index
+        embeds[is_image] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
+
+        total = S + max_new_tokens
+        vlm.lm.setup_cache(B, total, vlm.dtype, device)
+        pad_t = torch.tensor(pad, device=device)
+        key_mask = torch.arange(total, device=device)[None, :] >= pad_t[:, None]
+        slots = torch.arange(S, device=device)
+        positions = (slots[None, :] - pad_t[:, None]).clamp(min=0)
+        logits = vlm.lm(embeds, slots, positions, key_mask)
+        clock.mark("prefill_ms")
+        next_ids = logits[:, -1].argmax(-1)
+        out = [next_ids]
+        clock.mark("first_token")
+        done = self._is_eos(next_ids)
+        for step in range(1, max_new_tokens):
+            if bool(done.all()):
+                break
+            slot = torch.tensor([S + step - 1], device=device)
+            logits = vlm.lm(
+                vlm.lm.embed(next_ids[:, None]), slot, slot[None, :] - pad_t[:, None], key_mask
+            )
+            next_ids = logits[:, -1].argmax(-1)
+            out.append(next_ids)
+            done |= self._is_eos(next_ids)
+        clock.mark("decode_ms")
+        stages = clock.elapsed_ms()
+        ttft = sum(stages[k] for k in ("vision_ms", "reduce_ms", "prefill_ms", "first_token"))
+        generated = torch.stack(out, 1).tolist()
+        steps = len(out) - 1
+        return [self._until_eos(g) for g in generated], steps, ttft, stages, n_image
+
+    def _prompt_ids(self, question: str, n_image: int) -> list[int]:
+        """The prompt's ids with the single ``<image>`` placeholder expanded to N_l slots."""
+        ids = self.tokenizer.encode(self.template.format(question=question)).ids
+        image_id = self.vlm.config.image_token_index
+        if ids.count(image_id) != 1:
+            raise ValueError(
+                f"the prompt must hold exactly one {IMAGE_TOKEN}; the question "
+                f"may not contain it: {question!r}"
+            )
+        at = ids.index(image_id)
+        return ids[:at] + [image_id] * n_image + ids[at + 1 :]
+
+    def _is_eos(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(
+            ids, torch.tensor(sorted(self.eos_ids), device=ids.device, dtype=ids.dtype)
+        )
+
+    def _until_eos(self, ids: list[int]) -> list[int]:
+        for i, t in enumerate(ids):
+            if t in self.eos_ids:
+                return ids[:i]
+        return ids
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory on CUDA; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
