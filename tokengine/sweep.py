@@ -1,0 +1,415 @@
+"""``python -m tokengine.sweep``: accuracy and latency per (N_l, reducer), power-law fits, report.
+
+    python -m tokengine.sweep --tokens 1,4,16,64,144,256,576 \
+        --reducer fusion,fusion-noq,pool-avg --tasks synth --output runs/sweep
+
+Each finished (reducer, N_l) point is appended to ``points.jsonl`` in ``--output``; rerunning
+the same command skips finished points, so a killed sweep resumes where it stopped. At the end
+S = k * N^gamma is fitted per task and reducer (least squares in log-log space, R^2, bootstrap
+interval; also the paper's c and alpha), and ``report.md``, ``fits.json`` and ``sweep.png``
+(score vs N_l with the fitted lines, latency vs N_l) are written.
+
+Under ``torchrun --nproc-per-node K -m tokengine.sweep ...`` the samples of every point are
+sharded across ranks (gloo on CPU, nccl on GPU) and gathered on rank 0, which writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokengine import eval as tk_eval
+from tokengine.engine import Engine
+from tokengine.models import tiny
+from tokengine.models.reducer import REDUCERS
+from tokengine.scaling import fit_power_law
+
+POINTS_FILE = "points.jsonl"
+R2_HOLDS = 0.9  # R^2 of the log-log line from which we say the power law holds
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tokengine.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--tokens", default="1,4,16,64,144,256,576", help="comma-separated N_l")
+    p.add_argument(
+        "--reducer",
+        default="fusion,fusion-noq,pool-avg",
+        help=f"comma-separated, from {', '.join(REDUCERS)}",
+    )
+    p.add_argument("--tasks", nargs="+", default=["synth"])
+    p.add_argument("--model", default=tiny.DEFAULT_MODEL)
+    p.add_argument(
+        "--noq-model",
+        default=None,
+        help="model for fusion-noq points (the question-free fine-tuned ablation); "
+        "default: <model>-noq when shipped, else --model",
+    )
+    p.add_argument("--limit", type=int, default=None, help="samples per task")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tk_eval.DTYPES, default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="runs/sweep")
+    p.add_argument(
+        "--max-points",
+        type=int,
+        default=None,
+        help="stop after this many new points (resume later with the same command)",
+    )
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per fit")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        args.tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        p.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
+    args.reducer = args.reducer.split(",")
+    bad = [r for r in args.reducer if r not in REDUCERS]
+    if bad:
+        p.error(f"unknown reducer(s) {bad}; choose from {', '.join(REDUCERS)}")
+    return args
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def read_points(path: Path) -> list[dict]:
+    """Finished points; a line cut short by a kill is ignored (that point reruns)."""
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        try:
+            points.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return points
+
+
+def model_for(reducer: str, args: argparse.Namespace) -> str:
+    if reducer != "fusion-noq":
+        return args.model
+    if args.noq_model:
+        return args.noq_model
+    noq = f"{args.model}-noq"
+    return noq if noq in tiny.available_models() else args.model
+
+
+def run_points(args: argparse.Namespace, rank: int) -> list[dict]:
+    out = Path(args.output)
+    points_file = out / POINTS_FILE
+    points = read_points(points_file)
+    settings = {
+        "tasks": args.tasks,
+        "limit": args.limit,
+        "dtype": args.dtype,
+        "model": args.model,
+        "seed": args.seed,
+    }
+    for p in points:
+        if p["settings"] != settings:
+            raise ValueError(
+                f"{points_file} holds points of other settings {p['settings']}; "
+                f"use another --output (this run: {settings})"
+            )
+    done = {(p["reducer"], p["tokens"]) for p in points}
+    todo = [(r, n) for r in args.reducer for n in args.tokens if (r, n) not in done]
+    if args.max_points is not None:
+        todo = todo[: args.max_points]
+    engines: dict[str, tuple[Engine, str]] = {}
+    tasks = None
+    for reducer, tokens in todo:
+        name = model_for(reducer, args)
+        if name not in engines:
+            vlm, desc, _ = tk_eval.load_model(
+                name, tk_eval.DTYPES[args.dtype], args.device, args.seed
+            )
+            engines[name] = (Engine(vlm), desc)
+            if tasks is None:
+                tasks = tk_eval.load_tasks(args.tasks, vlm.config.vision.image_size, args.limit)
+        engine, desc = engines[name]
+        results = [
+            tk_eval.run_task(
+                engine,
+                t,
+                tokens=tokens,
+                reducer=reducer,
+                batch_size=args.batch_size,
+                progress=rank == 0 and not args.no_progress,
+            )
+            for t in tasks
+        ]
+        point = {
+            "reducer": reducer,
+            "tokens": tokens,
+            "model": desc,
+            "settings": settings,
+            "tasks": {r["task"]: {k: v for k, v in r.items() if k != "samples"} for r in results},
+        }
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(points_file, "a") as f:
+                f.write(json.dumps(point) + "\n")
+            avg = tk_eval.synth_average(results)
+            print(
+                f"[{reducer} N_l={tokens}] "
+                + ", ".join(f"{r['task']} {r['score']:.1f}" for r in results)
+                + (f" | synth avg {avg:.1f}" if avg is not None else ""),
+                flush=True,
+            )
+        points.append(point)
+    return points
+
+
+def fit_all(points: list[dict], n_boot: int) -> list[dict]:
+    """One fit per (task, reducer) on all points, and one on the points above chance."""
+    fits = []
+    keys = sorted({(t, p["reducer"]) for p in points for t in p["tasks"]})
+    for task, reducer in keys:
+        pts = sorted(
+            (p["tokens"], p["tasks"][task])
+            for p in points
+            if p["reducer"] == reducer and task in p["tasks"]
+        )
+        n = [x[0] for x in pts]
+        s = [x[1]["score"] for x in pts]
+        chance = pts[0][1].get("chance")
+        entry = {"task": task, "reducer": reducer, "tokens": n, "scores": s, "chance": chance}
+        for label, keep in (
+            ("all", [v > 0 for v in s]),
+            ("above_chance", [v > (chance or 0) for v in s]),
+        ):
+            nn = [x for x, k in zip(n, keep, strict=True) if k]
+            ss = [x for x, k in zip(s, keep, strict=True) if k]
+            try:
+                entry[label] = fit_power_law(nn, ss, n_boot=n_boot).to_dict()
+            except ValueError as e:  # too few usable points
+                entry[label] = {"error": str(e)}
+        fits.append(entry)
+    return fits
+
+
+def write_report(out: Path, points: list[dict], fits: list[dict]) -> None:
+    reducers = sorted({p["reducer"] for p in points})
+    tasks = sorted({t for p in points for t in p["tasks"]})
+    lines = [
+        "# tokengine sweep",
+        "",
+        f"Model: {points[0]['model']}. Settings: `{json.dumps(points[0]['settings'])}`.",
+        "",
+        "Fits of S = k·N^γ (least squares in log-log over the swept N_l; 95% bootstrap "
+        "interval of γ; the paper's form S = (c/N)^α has α = −γ). `all` fits every point "
+        "with S > 0; `above chance` only points whose score beats the majority-answer "
+        "baseline.",
+        "",
+        "| task | reducer | chance | k | γ [95% CI] | R² | γ above chance | R² above chance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in fits:
+        a, b = f["all"], f["above_chance"]
+
+        def g(fit):
+            return (
+                f"{fit['gamma']:.3f} [{fit['gamma_ci'][0]:.3f}, {fit['gamma_ci'][1]:.3f}]"
+                if "gamma" in fit
+                else "—"
+            )
+
+        chance = f"{f['chance']:.1f}" if f["chance"] is not None else "—"
+        lines.append(
+            f"| {f['task']} | {f['reducer']} | {chance} | {a['k']:.3g} | {g(a)} | {a['r2']:.2f} | "
+            if "k" in a
+            else f"| {f['task']} | {f['reducer']} | {chance} | — | — | — | "
+        )
+        lines[-1] += f"{g(b)} | {b['r2']:.2f} |" if "r2" in b else "— | — |"
+    lines += [
+        "",
+        "## Scores per N_l",
+        "",
+        "| task | reducer | "
+        + " | ".join(str(n) for n in sorted({p["tokens"] for p in points}))
+        + " |",
+        "|---|---|" + "---|" * len({p["tokens"] for p in points}),
+    ]
+    all_n = sorted({p["tokens"] for p in points})
+    for task in tasks:
+        for reducer in reducers:
+            by_n = {
+                p["tokens"]: p["tasks"][task]["score"]
+                for p in points
+                if p["reducer"] == reducer and task in p["tasks"]
+            }
+            lines.append(
+                f"| {task} | {reducer} | "
+                + " | ".join(f"{by_n[n]:.1f}" if n in by_n else "" for n in all_n)
+                + " |"
+            )
+    lines += [
+        "",
+        "## Where the power law holds",
+        "",
+        f"A fit counts as holding when R² >= {R2_HOLDS} (fit on the points above chance "
+        "where there are at least two, else on all points).",
+        "",
+    ]
+    for f in fits:
+        fit = f["above_chance"] if "r2" in f["above_chance"] else f["all"]
+        if "r2" not in fit:
+            lines.append(f"- {f['task']}, {f['reducer']}: cannot be fitted ({fit['error']})")
+            continue
+        verdict = "holds" if fit["r2"] >= R2_HOLDS else "does not hold"
+        lines.append(
+            f"- {f['task']}, {f['reducer']}: {verdict} (R² {fit['r2']:.2f}, γ {fit['gamma']:.3f})"
+        )
+    if {"fusion", "fusion-noq"} <= set(reducers):
+        lines += [
+            "",
+            "## Question-conditioned fusion minus question-free fusion (points)",
+            "",
+            "| task | " + " | ".join(str(n) for n in all_n) + " | wins |",
+            "|---|" + "---|" * (len(all_n) + 1),
+        ]
+        for task in tasks:
+            score = {
+                (p["reducer"], p["tokens"]): p["tasks"][task]["score"]
+                for p in points
+                if task in p["tasks"]
+            }
+            diffs = [
+                score.get(("fusion", n), np.nan) - score.get(("fusion-noq", n), np.nan)
+                for n in all_n
+            ]
+            wins = sum(d > 0 for d in diffs)
+            lines.append(
+                f"| {task} | "
+                + " | ".join(f"{d:+.1f}" for d in diffs)
+                + f" | {wins}/{len(diffs)} |"
+            )
+    lines += [
+        "",
+        "## Latency per N_l (TTFT p50 ms, averaged over tasks)",
+        "",
+        "| reducer | " + " | ".join(str(n) for n in all_n) + " |",
+        "|---|" + "---|" * len(all_n),
+    ]
+    for reducer in reducers:
+        ttft = {
+            p["tokens"]: np.mean([t["ttft_p50_ms"] for t in p["tasks"].values()])
+            for p in points
+            if p["reducer"] == reducer
+        }
+        lines.append(
+            f"| {reducer} | "
+            + " | ".join(f"{ttft[n]:.1f}" if n in ttft else "" for n in all_n)
+            + " |"
+        )
+    lines += ["", "![score and latency vs N_l](sweep.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def plot(out: Path, points: list[dict], fits: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for p in points for t in p["tasks"]})
+    reducers = sorted({p["reducer"] for p in points})
+    cols = min(len(tasks), 4) + 1
+    rows = -(-len(tasks) // (cols - 1))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    colours = dict(zip(reducers, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for i, task in enumerate(tasks):
+        ax = axes[i // (cols - 1)][i % (cols - 1)]
+        for f in fits:
+            if f["task"] != task:
+                continue
+            c = colours[f["reducer"]]
+            ax.plot(f["tokens"], f["scores"], "o", color=c, ms=3, label=f["reducer"])
+            if "k" in f["all"]:
+                grid = np.geomspace(min(f["tokens"]), max(f["tokens"]), 50)
+                fit = f["all"]
+                ax.plot(grid, fit["k"] * grid ** fit["gamma"], "-", color=c, lw=1)
+            if f["chance"] is not None:
+                ax.axhline(f["chance"], color="grey", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_title(task, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for j in range(len(tasks), rows * (cols - 1)):
+        axes[j // (cols - 1)][j % (cols - 1)].axis("off")
+    axes[0][0].legend(fontsize=6)
+    ax = axes[0][-1]
+    for reducer in reducers:
+        pts = sorted(
+            (p["tokens"], np.mean([t["ttft_p50_ms"] for t in p["tasks"].values()]))
+            for p in points
+            if p["reducer"] == reducer
+        )
+        ax.plot(
+            [x for x, _ in pts],
+            [y for _, y in pts],
+            "o-",
+            ms=3,
+            color=colours[reducer],
+            label=reducer,
+        )
+    ax.set_xscale("log")
+    ax.set_title("TTFT p50 (ms) vs N_l", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+    for r in range(1, rows):
+        axes[r][-1].axis("off")
+    fig.supxlabel("N_l (vision tokens, log scale); score in %; dotted: chance", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict] | None:
+    args = parse_args(argv)
+    rank, _ = _init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    points = run_points(args, rank)
+    if rank != 0:
+        return None
+    wanted = {(r, n) for r in args.reducer for n in args.tokens}
+    points = [p for p in points if (p["reducer"], p["tokens"]) in wanted]
+    if {(p["reducer"], p["tokens"]) for p in points} != wanted:
+        print(f"stopped with {len(points)}/{len(wanted)} points; rerun to resume")
+        return points
+    out = Path(args.output)
+    fits = fit_all(points, args.n_boot)
+    (out / "fits.json").write_text(json.dumps(fits, indent=2) + "\n")
+    write_report(out, points, fits)
+    plot(out, points, fits)
+    print(f"wrote {out}/report.md, fits.json and sweep.png")
+    return points
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
