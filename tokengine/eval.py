@@ -237,6 +237,16 @@ def synth_average(rows: list[dict]) -> float | None:
     return float(np.mean(synth)) if synth else None
 
 
+def write_samples(out: Path, rows: list[dict]) -> None:
+    """One ``samples_<task>.jsonl`` per task result in ``out`` (question, answer, prediction)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", r["task"])
+        with open(out / f"samples_{name}.jsonl", "w") as f:
+            for s in r["samples"]:
+                f.write(json.dumps(s) + "\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tokengine.eval",
@@ -323,11 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    for r in rows:
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", r["task"])
-        with open(out / f"samples_{name}.jsonl", "w") as f:
-            for s in r["samples"]:
-                f.write(json.dumps(s) + "\n")
+    write_samples(out, rows)
     print(f"wrote {out}/results.json and samples_*.jsonl")
     return results
 

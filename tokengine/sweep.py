@@ -3,7 +3,8 @@
     python -m tokengine.sweep --tokens 1,4,16,64,144,256,576 \
         --reducer fusion,fusion-noq,pool-avg --tasks synth --output runs/sweep
 
-Each finished (reducer, N_l) point is appended to ``points.jsonl`` in ``--output``; rerunning
+Each finished (reducer, N_l) point is appended to ``points.jsonl`` in ``--output`` (its
+per-sample predictions go to ``samples/<reducer>-<N_l>/``); rerunning
 the same command skips finished points, so a killed sweep resumes where it stopped. At the end
 S = k * N^gamma is fitted per task and reducer (least squares in log-log space, R^2, bootstrap
 interval; also the paper's c and alpha), and ``report.md``, ``fits.json`` and ``sweep.png``
@@ -167,6 +168,7 @@ def run_points(args: argparse.Namespace, rank: int) -> list[dict]:
         }
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+            tk_eval.write_samples(out / "samples" / f"{reducer}-{tokens}", results)
             with open(points_file, "a") as f:
                 f.write(json.dumps(point) + "\n")
             avg = tk_eval.synth_average(results)

@@ -1,0 +1,93 @@
+"""Sweep: resumes after a kill with the same results; torchrun shards give the same scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tokengine import sweep
+
+ARGS = [
+    "--tokens",
+    "1,16",
+    "--reducer",
+    "pool-avg,fusion",
+    "--tasks",
+    "existence",
+    "colour",
+    "--limit",
+    "4",
+    "--batch-size",
+    "3",
+    "--n-boot",
+    "50",
+    "--no-progress",
+]
+
+
+def scores(points: list[dict]) -> dict:
+    return {
+        (p["reducer"], p["tokens"], t): r["score"] for p in points for t, r in p["tasks"].items()
+    }
+
+
+def predictions(out) -> dict:
+    """Every sample's prediction per point and task, from the sweep's samples files."""
+    return {
+        (d.name, f.name): f.read_text()
+        for d in (out / "samples").iterdir()
+        for f in sorted(d.iterdir())
+    }
+
+
+def test_killed_sweep_resumes_with_the_same_results(tmp_path):
+    whole = sweep.main([*ARGS, "--output", str(tmp_path / "whole")])
+    assert len(whole) == 4 and (tmp_path / "whole" / "report.md").is_file()
+
+    resumed_dir = tmp_path / "resumed"
+    first = sweep.main([*ARGS, "--output", str(resumed_dir), "--max-points", "1"])
+    assert len(first) == 1 and not (resumed_dir / "report.md").exists()
+    with open(resumed_dir / sweep.POINTS_FILE, "a") as f:
+        f.write('{"reducer": "fusion", "tok')  # a point cut short by the kill
+    resumed = sweep.main([*ARGS, "--output", str(resumed_dir)])
+    assert scores(resumed) == scores(whole)
+    assert predictions(resumed_dir) == predictions(tmp_path / "whole")
+    lines = (resumed_dir / sweep.POINTS_FILE).read_text().splitlines()
+    assert sum(1 for line in lines if line.startswith('{"reducer": "pool-avg", "tokens": 1,')) == 1
+    fits = json.loads((resumed_dir / "fits.json").read_text())
+    assert {(f["task"], f["reducer"]) for f in fits} == {
+        (t, r) for t in ("synth/existence", "synth/colour") for r in ("pool-avg", "fusion")
+    }
+    assert (resumed_dir / "sweep.png").stat().st_size > 0
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    single = sweep.main([*ARGS, "--output", str(tmp_path / "one")])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            "-m",
+            "tokengine.sweep",
+            *ARGS,
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = sweep.read_points(tmp_path / "two" / sweep.POINTS_FILE)
+    assert scores(two) == scores(single)
+    assert predictions(tmp_path / "two") == predictions(tmp_path / "one")
+    assert all(r["n"] == 4 for p in two for r in p["tasks"].values())
