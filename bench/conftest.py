@@ -37,7 +37,8 @@ def run(benchmark, fn, nbytes: int, **info) -> None:
         torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     )
     benchmark.extra_info["us"] = round(mean * 1e6, 1)
-    benchmark.extra_info["GB/s"] = round(nbytes / mean / 1e9, 2)
+    if nbytes:  # 0: no meaningful byte count (end-to-end generation)
+        benchmark.extra_info["GB/s"] = round(nbytes / mean / 1e9, 2)
 
 
 def pytest_terminal_summary(terminalreporter, config):

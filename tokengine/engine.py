@@ -206,7 +206,7 @@ class Engine:
         key_mask = torch.arange(total, device=device)[None, :] >= pad_t[:, None]
         slots = torch.arange(S, device=device)
         positions = (slots[None, :] - pad_t[:, None]).clamp(min=0)
-        logits = vlm.lm(embeds, slots, positions, key_mask)
+        logits = vlm.lm(embeds, slots, positions, key_mask, last_only=True)
         clock.mark("prefill_ms")
         next_ids = logits[:, -1].argmax(-1)
         out = [next_ids]
