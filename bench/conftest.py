@@ -57,7 +57,6 @@ def pytest_terminal_summary(terminalreporter, config):
         for b in sorted(members, key=lambda b: b.extra_info["us"]):
             speedup = f"{base[0] / b.extra_info['us']:.2f}x" if base else ""
             name = b.name.removeprefix("test_")
-            write(
-                f"  {name:<76} {b.extra_info['us']:>12.1f} {b.extra_info['GB/s']:>8.2f} "
-                f"{speedup:>11}"
-            )
+            gbs = b.extra_info.get("GB/s")
+            gbs = f"{gbs:>8.2f}" if gbs is not None else " " * 8
+            write(f"  {name:<76} {b.extra_info['us']:>12.1f} {gbs} {speedup:>11}")
