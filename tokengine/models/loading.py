@@ -91,12 +91,7 @@ def read_config(path: str | PathLike) -> VLMConfig:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: {path} is not an HF model directory")
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(d).__name__}")
+    d = _read_json_object(file)
     try:
         return VLMConfig.from_hf_dict(d)
     except (TypeError, ValueError) as e:
@@ -178,8 +173,11 @@ def read_tokenizer(path: str | PathLike) -> Tokenizer | None:
 def read_tokengine_config(path: str | PathLike) -> dict:
     """``path/tokengine_config.json`` ({} when absent: a plain HF checkpoint)."""
     file = _model_dir(path) / TOKENGINE_FILE
-    if not file.is_file():
-        return {}
+    return _read_json_object(file) if file.is_file() else {}
+
+
+def _read_json_object(file: Path) -> dict:
+    """A JSON file holding an object; ValueError naming the file otherwise."""
     try:
         d = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
