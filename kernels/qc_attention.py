@@ -76,6 +76,56 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _attend_segment(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_base,
+    v_base,
+    n_keys,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    offs_n,
+    offs_d,
+    d_mask,
+    qk_scale,
+    UPCAST: tl.constexpr,
+    F32: tl.constexpr,
+):
+    """Online-softmax update of (m_i, l_i, acc) with one segment of ``n_keys`` keys/values."""
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    for start_n in range(0, n_keys, BLOCK_N):
+        rows = start_n + offs_n
+        n_mask = rows < n_keys
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(
+            k_base + rows[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + rows[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), F32) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _qc_attn_fwd_kernel(
     Q,
     KI,
@@ -158,63 +208,50 @@ def _qc_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # ---- image keys (N >= 1, so every row's max is finite after the first block) ----
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        n_mask = cols < N
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            ki_base + cols[:, None].to(tl.int64) * stride_kin + offs_d[None, :] * stride_kid,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            vi_base + cols[:, None].to(tl.int64) * stride_vin + offs_d[None, :] * stride_vid,
-            mask=kv_mask,
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), F32) * qk_scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
-        m_i = m_new
-
-    # ---- this sample's packed question keys (varlen, possibly empty) ----
+    # ---- image keys, then this sample's packed question keys (varlen, possibly empty) ----
+    # N >= 1, so every row's running max is finite after the image segment.
+    m_i, l_i, acc = _attend_segment(
+        q,
+        m_i,
+        l_i,
+        acc,
+        ki_base,
+        vi_base,
+        N,
+        stride_kin,
+        stride_kid,
+        stride_vin,
+        stride_vid,
+        offs_n,
+        offs_d,
+        d_mask,
+        qk_scale,
+        UPCAST,
+        F32,
+    )
     t_start = tl.load(CU + b)
     t_len = tl.load(CU + b + 1) - t_start
     kt_base = KT + t_start.to(tl.int64) * stride_ktt + kvh * stride_kth
     vt_base = VT + t_start.to(tl.int64) * stride_vtt + kvh * stride_vth
-    for start_n in range(0, t_len, BLOCK_N):
-        rows = start_n + offs_n
-        n_mask = rows < t_len
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            kt_base + rows[:, None].to(tl.int64) * stride_ktt + offs_d[None, :] * stride_ktd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            vt_base + rows[:, None].to(tl.int64) * stride_vtt + offs_d[None, :] * stride_vtd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), F32) * qk_scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
-        m_i = m_new
+    m_i, l_i, acc = _attend_segment(
+        q,
+        m_i,
+        l_i,
+        acc,
+        kt_base,
+        vt_base,
+        t_len,
+        stride_ktt,
+        stride_ktd,
+        stride_vtt,
+        stride_vtd,
+        offs_n,
+        offs_d,
+        d_mask,
+        qk_scale,
+        UPCAST,
+        F32,
+    )
 
     # ---- epilogue: out, lse (natural log) ----
     out = acc / l_i[:, None]
