@@ -1,0 +1,126 @@
+"""tokengine-tiny: tokenizer, random model, training CLI on a tiny budget, shipped weights."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+
+import pytest
+import torch
+
+from tokengine.data.synthetic import (
+    FAMILIES,
+    answer_vocabulary,
+    normalize_answer,
+    test_split,
+    train_stream,
+)
+from tokengine.engine import Engine
+from tokengine.models import VLM
+from tokengine.models.tiny import (
+    EOS_ID,
+    IMAGE_ID,
+    UNK_ID,
+    available_models,
+    build_tokenizer,
+    random_tiny,
+    shipped_path,
+)
+
+
+def test_tokenizer_round_trips_every_answer():
+    tok = build_tokenizer()
+    assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<unk>", "<image>")] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    for family in FAMILIES:
+        for answer in answer_vocabulary(family):
+            ids = tok.encode(answer, add_special_tokens=False).ids
+            assert len(ids) == 1 and UNK_ID not in ids, (family, answer)
+            text = tok.decode([*ids, EOS_ID], skip_special_tokens=True).strip()
+            assert normalize_answer(family, text) == answer, (family, answer, text)
+
+
+def test_tokenizer_covers_questions_and_prompt():
+    tok = build_tokenizer()
+    assert build_tokenizer().to_str() == tok.to_str()  # deterministic
+    for s in islice(train_stream(3, 48), 400):
+        enc = tok.encode(f"USER: <image>\n{s.question} ASSISTANT:")
+        assert UNK_ID not in enc.ids, s.question
+        assert enc.ids[0] == 1 and enc.ids.count(IMAGE_ID) == 1
+
+
+def test_random_tiny_builds_and_runs():
+    vlm = random_tiny(0)
+    assert vlm.reducer is not None and vlm.tokenizer is not None
+    assert vlm.config.num_image_tokens == 576
+    samples = test_split("colour", 2, vlm.config.vision.image_size)
+    res = Engine(vlm).generate(
+        [s.image for s in samples], [s.question for s in samples], tokens=4, reducer="fusion",
+        max_new_tokens=2,
+    )  # fmt: skip
+    assert len(res.texts) == 2
+
+
+def test_training_forward_matches_engine():
+    """The right-padded causal training forward gives the Engine's greedy first token."""
+    from tokengine.train import _records, encode_samples, lm_batch
+
+    vlm = random_tiny(1)
+    samples = test_split(["counting", "chart"], 2, vlm.config.vision.image_size)
+    recs = _records(vlm, samples)
+    feats = torch.from_numpy(encode_samples(vlm, samples)).float()
+    for reducer, tokens in (("fusion", 16), ("fusion-noq", 1), ("pool-avg", 64)):
+        with torch.no_grad():
+            logits, _ = lm_batch(vlm, feats, recs, tokens, reducer)
+        res = Engine(vlm).generate(
+            [s.image for s in samples], [s.question for s in samples], tokens=tokens,
+            reducer=reducer, max_new_tokens=1, batch_size=4,
+        )  # fmt: skip
+        first = [ids[0] if ids else EOS_ID for ids in res.token_ids]
+        assert logits[:, 0].argmax(-1).tolist() == first
+
+
+def test_train_cli_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path):
+    from tokengine.train import main
+
+    out = tmp_path / "model"
+    argv = [
+        "--output", str(out), "--cache", str(tmp_path / "cache"), "--vision-steps", "2",
+        "--vision-batch-size", "8", "--cache-samples", "48", "--val-samples", "8",
+        "--steps", "20", "--batch-size", "8", "--tokens", "1,4,16", "--lr", "5e-3",
+        "--warmup", "1", "--seed", "0", "--save-every", "0",
+    ]  # fmt: skip
+    summary = main(argv)
+    hist_first, hist_last = summary["stage_c"]["loss_first"], summary["stage_c"]["loss_last"]
+    assert sum(hist_last[-5:]) / 5 < sum(hist_first[:5]) / 5
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+              "tokengine_config.json", "training.json"):  # fmt: skip
+        assert (out / f).is_file(), f
+    assert json.loads((out / "tokengine_config.json").read_text())["reducer"]["num_queries"] == 576
+    vlm = VLM.from_pretrained(out)
+    samples = test_split("shape", 2, vlm.config.vision.image_size)
+    res = Engine(vlm).generate(
+        [s.image for s in samples], [s.question for s in samples], tokens=16, reducer="fusion",
+        max_new_tokens=3,
+    )  # fmt: skip
+    assert len(res.texts) == 2 and all(isinstance(t, str) for t in res.texts)
+
+
+@pytest.mark.parametrize("name", ["tokengine-tiny", "tokengine-tiny-noq"])
+def test_shipped_checkpoint_loads(name):
+    path = shipped_path(name)
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"{name} is not shipped in this checkout")
+    assert name in available_models()
+    vlm = VLM.from_pretrained(path)
+    samples = test_split("colour", 4, vlm.config.vision.image_size)
+    res = Engine(vlm).generate(
+        [s.image for s in samples], [s.question for s in samples], tokens=576, reducer="fusion",
+        max_new_tokens=3,
+    )  # fmt: skip
+    assert len(res.texts) == 4

@@ -1,0 +1,536 @@
+"""Train tokengine-tiny on the synthetic suite: ``python -m tokengine.train``.
+
+Staged, as DESIGN.md's CPU lessons ask (a from-scratch end-to-end run learned only colour):
+
+a. **Dense vision pre-training** (``--vision-minutes``): the CLIP ViT learns per-patch labels
+   from :func:`tokengine.data.synthetic.dense_labels` (colour, shape, character, object centre;
+   background is a class of its own) through LayerNorm + linear heads on its last layer.
+b. **Feature cache** (``--cache-samples``): the frozen ViT's 24×24×64 grids of that many
+   training-stream samples, fp16 in a ``.npy`` memmap under ``--cache`` with the prompts'
+   token ids. Both variants reuse one cache (the second run finds it and skips a and b).
+c. **Reducer + projector + LM** (``--minutes`` or ``--steps``) on the cached grids: each batch
+   draws N_l uniformly from {1, 4, 16, 64, 144, 256, 576} (log-uniform over the sweep's points)
+   and goes through the fusion reducer — with the question (``--variant fusion``) or without
+   (``fusion-noq``, the paper's ablation) — or, for a ``--pool-share`` of batches (25%),
+   through ``pool-avg``, so that the sweep's pooling baseline is meaningful on the same
+   checkpoint. The prompt is the Engine's (``USER: <image>\\n{question} ASSISTANT:``, ``<s>``
+   first, ``<image>`` expanded to N_l slots, left-padded); the loss is cross-entropy on the
+   answer token and EOS only.
+
+Validation runs on a held-out slice of the training stream (another stream seed, never the
+test split); ``--eval-test`` then scores the saved model on the fixed test split with the
+Engine. State is saved every ``--save-every`` steps; ``--resume`` continues from it.
+
+The shipped checkpoints were made with these commands (2 CPU cores shared with other jobs,
+torch 2.13, one process at a time). Stage 1 (a + b + c, shared by both variants; 26.8 min)::
+
+    python -m tokengine.train --variant fusion --output runs/tiny-stage1 \\
+        --cache /tmp/tokengine-tiny-cache --vision-minutes 7 --cache-samples 30000 \\
+        --minutes 15 --min-batch 16 --seed 0
+
+then one continuation per variant (stage c only, from stage 1's weights; 11 min of training
+plus validation and the test-split evaluation: 12.4 min each)::
+
+    python -m tokengine.train --variant fusion --output tokengine/assets/tokengine-tiny \\
+        --cache /tmp/tokengine-tiny-cache --init runs/tiny-stage1 \\
+        --tokens 1,1,4,4,16,16,64,64,144,256,576 --batch-size 32 --warmup 20 --minutes 11 \\
+        --val-every 3 --seed 1 --eval-test
+    python -m tokengine.train --variant fusion-noq --output tokengine/assets/tokengine-tiny-noq \\
+        --cache /tmp/tokengine-tiny-cache --init runs/tiny-stage1 \\
+        --tokens 1,1,4,4,16,16,64,64,144,256,576 --batch-size 32 --warmup 20 --minutes 11 \\
+        --val-every 3 --seed 1 --eval-test
+
+That budget was not enough: both checkpoints answer at the majority-answer level (they learned
+the answer format and each family's prior, not yet the image); see their MODEL_CARD.md. On this
+CPU a stage-c step costs 1-5 s (contended), so the ~1,000 steps run here are far from what
+the task needs; give stage c hours (or a GPU) for a real N_l curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from tokengine.data.synthetic import (
+    CHARSET,
+    COLOUR_NAMES,
+    FAMILIES,
+    GRID,
+    SHAPES,
+    dense_labels,
+    normalize_answer,
+    test_split,
+    train_stream,
+)
+from tokengine.engine import LLAVA_TEMPLATE
+from tokengine.models import VLM
+from tokengine.models.preprocess import preprocess_images
+from tokengine.models.reducer import reduce_tokens
+from tokengine.models.tiny import EOS_ID, IMAGE_ID, IMAGE_SIZE, PAD_ID, random_tiny
+
+TOKENS = (1, 4, 16, 64, 144, 256, 576)
+VAL_TOKENS = (1, 16, 144, 576)
+VAL_STREAM_OFFSET = 7919  # validation uses train_stream(seed + this): disjoint from training
+STATE_FILE = "train_state.pt"
+LOG_FILE = "training.json"
+
+
+# ------------------------------------------------------------------------------ stage a
+class DenseHeads(nn.Module):
+    """Per-patch linear heads (after LayerNorm) on the ViT's output grid."""
+
+    SIZES = {"colour": len(COLOUR_NAMES) + 1, "shape": len(SHAPES) + 1,
+             "char": len(CHARSET) + 1, "centre": 2}  # fmt: skip
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in self.SIZES.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.norm(x)
+        return {k: head(h) for k, head in self.heads.items()}
+
+
+def patch_targets(sample) -> dict[str, np.ndarray]:
+    """(576,) int64 targets per head; -1 (no label) becomes the background class (last)."""
+    lab = dense_labels(sample)
+    out = {}
+    for key in ("colour", "shape", "char"):
+        n = DenseHeads.SIZES[key] - 1
+        a = lab[key].astype(np.int64)
+        out[key] = np.where(a < 0, n, a).reshape(-1)
+    ids = lab["object"]
+    centre = np.zeros((GRID, GRID), dtype=np.int64)
+    for i in np.unique(ids):
+        if i <= 0:
+            continue
+        r, c = np.nonzero(ids == i)
+        centre[int(round(r.mean())), int(round(c.mean()))] = 1
+    out["centre"] = centre.reshape(-1)
+    return out
+
+
+def train_vision(vlm: VLM, args, log) -> dict:
+    """Stage a: dense supervision of the vision tower, for a time or step budget."""
+    heads = DenseHeads(vlm.config.vision.hidden_size)
+    params = list(vlm.vision.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.01)
+    stream = train_stream(args.seed, IMAGE_SIZE)
+    budget = args.vision_minutes * 60
+    # background (the last class) is most patches: weigh it down so objects are learned
+    weights = {k: torch.ones(n) for k, n in DenseHeads.SIZES.items()}
+    for k in ("colour", "shape", "char"):
+        weights[k][-1] = 0.2
+    weights["centre"][1] = 5.0
+    vlm.vision.train()
+    t0, step, hist = time.perf_counter(), 0, []
+    bar = tqdm(desc="a: dense vision", unit="step", file=sys.stdout, mininterval=5)
+    while True:
+        elapsed = time.perf_counter() - t0
+        frac = step / args.vision_steps if args.vision_steps else elapsed / budget
+        if frac >= 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = args.vision_lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 - frac))
+        batch = list(islice(stream, args.vision_batch_size))
+        pixels = preprocess_images([s.image for s in batch], vlm.image_processor)
+        tg = [patch_targets(s) for s in batch]
+        targets = {k: torch.from_numpy(np.stack([t[k] for t in tg])) for k in tg[0]}
+        out = heads(vlm.vision(pixels))
+        losses = {
+            k: F.cross_entropy(
+                out[k].flatten(0, 1),
+                targets[k].flatten(),
+                weight=weights[k],
+            )
+            for k in out
+        }
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        hist.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{np.mean(hist[-20:]):.3f}")
+    bar.close()
+    vlm.vision.eval()
+    # patch accuracy on held-out scenes (object patches only)
+    val = list(islice(train_stream(args.seed + VAL_STREAM_OFFSET, IMAGE_SIZE), 256))
+    with torch.inference_mode():
+        out = heads(vlm.vision(preprocess_images([s.image for s in val], vlm.image_processor)))
+    tg = [patch_targets(s) for s in val]
+    acc = {}
+    for k in out:
+        t = torch.from_numpy(np.stack([x[k] for x in tg]))
+        fg = t != (DenseHeads.SIZES[k] - 1) if k != "centre" else t == 1
+        acc[k] = float((out[k].argmax(-1) == t)[fg].float().mean())
+    res = {"steps": step, "seconds": time.perf_counter() - t0, "final_loss": hist[-1] if hist else
+           None, "patch_accuracy_fg": acc, "images": step * args.vision_batch_size}  # fmt: skip
+    log(f"stage a: {res}")
+    return res
+
+
+# ------------------------------------------------------------------------------ stage b
+def _prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """(ids before <image>, ids after it) of the Engine's prompt, <s> included."""
+    ids = tokenizer.encode(LLAVA_TEMPLATE.format(question=question)).ids
+    at = ids.index(IMAGE_ID)
+    return ids[:at], ids[at + 1 :]
+
+
+def _records(vlm: VLM, samples) -> list[dict]:
+    tok = vlm.tokenizer
+    recs = []
+    for s in samples:
+        pre, post = _prompt_parts(tok, s.question)
+        ans = tok.encode(s.answer, add_special_tokens=False).ids
+        if len(ans) != 1:
+            raise ValueError(f"answer {s.answer!r} is not one token")
+        recs.append({
+            "pre": pre, "post": post, "answer": ans[0], "family": FAMILIES.index(s.family),
+            "question": tok.encode(s.question, add_special_tokens=False).ids,
+        })  # fmt: skip
+    return recs
+
+
+@torch.inference_mode()
+def encode_samples(vlm: VLM, samples, out: np.ndarray | None = None, chunk: int = 128):
+    feats = []
+    for i in range(0, len(samples), chunk):
+        px = preprocess_images([s.image for s in samples[i : i + chunk]], vlm.image_processor)
+        f = vlm.encode_images(px).to(torch.float16).numpy()
+        if out is None:
+            feats.append(f)
+        else:
+            out[i : i + len(f)] = f
+    return np.concatenate(feats) if out is None else out
+
+
+def build_cache(vlm: VLM, args, cache: Path, stage_a: dict, log) -> None:
+    """Stage b: frozen-ViT features of ``--cache-samples`` training samples (+ validation)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    n, dv = args.cache_samples, vlm.config.vision.hidden_size
+    feats = np.lib.format.open_memmap(
+        cache / "features.npy", mode="w+", dtype=np.float16, shape=(n, GRID * GRID, dv)
+    )
+    # stage a used the first samples of the stream; cache fresh ones after them
+    stream = train_stream(args.seed, IMAGE_SIZE)
+    skip = stage_a.get("images", 0)
+    stream = islice(stream, skip, None)
+    recs, done = [], 0
+    bar = tqdm(total=n, desc="b: cache features", unit="img", file=sys.stdout, mininterval=5)
+    while done < n:
+        batch = list(islice(stream, min(1024, n - done)))
+        encode_samples(vlm, batch, feats[done : done + len(batch)])
+        recs += _records(vlm, batch)
+        done += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    feats.flush()
+    del feats
+    val = list(islice(train_stream(args.seed + VAL_STREAM_OFFSET, IMAGE_SIZE), args.val_samples))
+    np.save(cache / "val_features.npy", encode_samples(vlm, val))
+    (cache / "records.json").write_text(json.dumps(recs))
+    (cache / "val_records.json").write_text(json.dumps(_records(vlm, val)))
+    torch.save(vlm.vision.state_dict(), cache / "vision.pt")
+    meta = {"samples": n, "seed": args.seed, "stage_a": stage_a,
+            "cache_seconds": time.perf_counter() - t0}  # fmt: skip
+    (cache / "meta.json").write_text(json.dumps(meta, indent=2))
+    log(f"stage b: cached {n} samples in {meta['cache_seconds']:.0f} s")
+
+
+# ------------------------------------------------------------------------------ stage c
+def lm_batch(vlm: VLM, feats: torch.Tensor, recs: list[dict], tokens: int, reducer: str):
+    """Logits at the answer and EOS positions: (B, 2, V), and targets (B, 2)."""
+    B = len(recs)
+    qlen = torch.tensor([0] + [len(r["question"]) for r in recs])
+    cu = qlen.cumsum(0).to(torch.int32)
+    flat = torch.tensor([t for r in recs for t in r["question"]], dtype=torch.long)
+    question = vlm.lm.embed(flat)
+    reduced = reduce_tokens(
+        reducer, feats, tokens, fusion=vlm.reducer, question=question, cu_seqlens=cu
+    )
+    image = vlm.project(reduced)  # (B, N_l, Dlm)
+    seqs = [r["pre"] + [IMAGE_ID] * tokens + r["post"] + [r["answer"], EOS_ID] for r in recs]
+    lens = torch.tensor([len(s) for s in seqs])
+    S = int(lens.max())
+    ids = torch.full((B, S), PAD_ID, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+    embeds = vlm.lm.embed(ids)
+    is_image = (ids == IMAGE_ID)[..., None]
+    embeds = embeds.masked_scatter(is_image, image.to(embeds.dtype))
+    logits = causal_lm(vlm.lm, embeds)
+    rows = torch.arange(B)[:, None]
+    cols = (lens - 3)[:, None] + torch.arange(2)
+    targets = torch.tensor([[r["answer"], EOS_ID] for r in recs])
+    return logits[rows, cols], targets
+
+
+def causal_lm(lm, embeds: torch.Tensor) -> torch.Tensor:
+    """The decoder's logits for right-padded rows, (B, S, V), with causal flash attention.
+
+    The same math as ``LlamaDecoder.forward`` with left padding and RoPE positions counted from
+    each row's first real token (what the Engine does); right padding makes the plain causal
+    mask exact for the real tokens, so training needs neither a KV cache nor a dense mask.
+    """
+    from tokengine.models.lm import apply_rope, rope_cos_sin, rope_inv_freq
+
+    B, S, _ = embeds.shape
+    if lm.inv_freq is None:
+        lm.inv_freq = rope_inv_freq(lm.config, embeds.device)
+    positions = torch.arange(S, device=embeds.device).expand(B, S)
+    cos, sin = rope_cos_sin(lm.inv_freq, positions, embeds.dtype)
+    x = embeds
+    for layer in lm.layers:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = a.q_proj(h).view(B, S, a.num_heads, a.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(B, S, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(B, S, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if a.num_kv_heads != a.num_heads:
+            rep = a.num_heads // a.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + a.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    x = lm.norm(x)
+    return F.linear(x, lm.embed_tokens.weight) if lm.lm_head is None else lm.lm_head(x)
+
+
+def validate(vlm: VLM, feats, recs, variant: str, tokens=VAL_TOKENS, pool=True) -> dict:
+    """Greedy first-token accuracy per family on cached validation features."""
+    vlm.eval()
+    out = {}
+    runs = [(variant, n) for n in tokens] + ([("pool-avg", 576), ("pool-avg", 16)] if pool else [])
+    with torch.no_grad():
+        for reducer, n in runs:
+            hits = defaultdict(list)
+            for i in range(0, len(recs), 128):
+                r = recs[i : i + 128]
+                f = feats[i : i + 128].float()
+                logits, tg = lm_batch(vlm, f, r, n, reducer)
+                ok = (logits[:, 0].argmax(-1) == tg[:, 0]).tolist()
+                for x, rec in zip(ok, r, strict=True):
+                    hits[FAMILIES[rec["family"]]].append(x)
+            fam = {f: float(np.mean(hits[f])) for f in FAMILIES if hits[f]}
+            fam["mean"] = float(np.mean(list(fam.values())))
+            out[f"{reducer}@{n}"] = fam
+    vlm.train()
+    return out
+
+
+def _fmt(scores: dict) -> str:
+    return " ".join(f"{k}={v['mean']:.3f}" for k, v in scores.items())
+
+
+def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
+    feats = torch.from_numpy(np.array(np.load(cache / "features.npy", mmap_mode="r")))
+    recs = json.loads((cache / "records.json").read_text())
+    val_feats = torch.from_numpy(np.load(cache / "val_features.npy"))
+    val_recs = json.loads((cache / "val_records.json").read_text())
+    n = len(recs)
+    log(f"stage c: {n} cached samples, variant {args.variant}")
+    vlm.vision.requires_grad_(False)
+    params = [p for name, p in vlm.named_parameters() if not name.startswith("vision.")]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = random.Random(args.seed)
+    state_file = out / STATE_FILE
+    step, spent, hist, val_log, cursor, seen = 0, 0.0, [], [], 0, 0
+    if args.resume and state_file.is_file():
+        st = torch.load(state_file, weights_only=False)
+        vlm.load_state_dict(st["model"])
+        opt.load_state_dict(st["optim"])
+        step, spent, hist, val_log = st["step"], st["spent"], st["hist"], st["val_log"]
+        cursor, seen, perm = st["cursor"], st["seen"], st["perm"]
+        rng.setstate(st["rng"])
+        torch.set_rng_state(st["torch_rng"])
+        log(f"resumed at step {step} ({spent:.0f} s spent)")
+    budget = args.minutes * 60
+    perm = list(range(n))
+    token_choices = [int(t) for t in args.tokens.split(",")] if args.tokens else list(TOKENS)
+    min_batch = args.min_batch or max(1, args.batch_size // 8)
+    bar = tqdm(desc=f"c: {args.variant}", unit="step", file=sys.stdout, mininterval=5)
+    bar.update(step)
+    vlm.train()
+    t_start = time.perf_counter() - spent
+    last_val = spent
+    while True:
+        spent = time.perf_counter() - t_start
+        frac = step / args.steps if args.steps else spent / budget
+        if frac >= 1:
+            break
+        warm = min(1.0, (step + 1) / args.warmup)
+        lr = args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        tokens = rng.choice(token_choices)
+        # fewer samples for long prompts: about the same LM tokens per step
+        bs = max(min_batch, min(args.batch_size, args.batch_size * 64 // tokens))
+        if cursor + bs > n:
+            rng.shuffle(perm)
+            cursor = 0
+        idx = perm[cursor : cursor + bs]
+        cursor += bs
+        seen += bs
+        reducer = "pool-avg" if rng.random() < args.pool_share else args.variant
+        logits, targets = lm_batch(vlm, feats[idx].float(), [recs[i] for i in idx], tokens, reducer)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        hist.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{np.mean(hist[-50:]):.3f}", lr=f"{lr:.1e}")
+        spent = time.perf_counter() - t_start
+        if args.val_every and spent - last_val >= args.val_every * 60:
+            last_val = spent
+            v = validate(
+                vlm, val_feats[:256], val_recs[:256], args.variant, tokens=(1, 576), pool=False
+            )
+            val_log.append({"step": step, "seconds": spent, **v})
+            log(f"  step {step} ({spent:.0f} s) loss {np.mean(hist[-50:]):.3f} val {_fmt(v)}")
+        if args.save_every and step % args.save_every == 0:
+            extra = {"cursor": cursor, "seen": seen, "perm": perm}
+            _save_state(state_file, vlm, opt, step, spent, hist, val_log, rng, extra)
+    bar.close()
+    final = validate(vlm, val_feats, val_recs, args.variant)
+    log(f"final val: {_fmt(final)}")
+    return {"steps": step, "seconds": spent, "samples_seen": seen,
+            "loss_first": hist[:20], "loss_last": hist[-20:], "val_log": val_log,
+            "val_final": final}  # fmt: skip
+
+
+def _save_state(path, vlm, opt, step, spent, hist, val_log, rng, extra) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": vlm.state_dict(), "optim": opt.state_dict(), "step": step,
+                "spent": spent, "hist": hist, "val_log": val_log, "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(), **extra}, tmp)  # fmt: skip
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------ test split
+def evaluate_test(model_dir, reducer: str, tokens: int, n_per_family: int = 200,
+                  batch_size: int = 64) -> dict:  # fmt: skip
+    """Accuracy per family on the fixed test split, answers generated by the Engine."""
+    from tokengine.engine import Engine
+
+    engine = Engine.from_pretrained(model_dir)
+    out = {}
+    for fam in FAMILIES:
+        samples = test_split(fam, n_per_family, IMAGE_SIZE)
+        res = engine.generate([s.image for s in samples], [s.question for s in samples],
+                              tokens=tokens, reducer=reducer, max_new_tokens=4,
+                              batch_size=batch_size)  # fmt: skip
+        ok = [normalize_answer(fam, t) == s.answer for t, s in zip(res.texts, samples, strict=True)]
+        out[fam] = float(np.mean(ok))
+    out["mean"] = float(np.mean([out[f] for f in FAMILIES]))
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tokengine.train", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--variant", choices=("fusion", "fusion-noq"), default="fusion")
+    p.add_argument("--output", required=True, help="model directory to write")
+    p.add_argument("--cache", default=None, help="feature cache dir (default OUTPUT/../.cache)")
+    p.add_argument("--minutes", type=float, default=15.0, help="stage c time budget")
+    p.add_argument("--steps", type=int, default=0, help="stage c steps (overrides --minutes)")
+    p.add_argument("--vision-minutes", type=float, default=7.0)
+    p.add_argument("--vision-steps", type=int, default=0, help="overrides --vision-minutes")
+    p.add_argument("--vision-batch-size", type=int, default=32)
+    p.add_argument("--cache-samples", type=int, default=30000)
+    p.add_argument("--val-samples", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--min-batch", type=int, default=0, help="batch floor for large N_l (B/8)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--vision-lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--pool-share", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=float, default=4.0, help="minutes between validations")
+    p.add_argument("--save-every", type=int, default=200, help="steps between state saves")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
+    p.add_argument("--init", default=None, help="start stage c from this model directory")
+    p.add_argument(
+        "--tokens",
+        default=None,
+        help="comma list of N_l to sample from uniformly (repeat a value to weight it); "
+        "default 1,4,16,64,144,256,576",
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-test", action="store_true", help="score the test split at N_l 576, 1")
+    p.add_argument("--test-per-family", type=int, default=200)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.cache) if args.cache else out.parent / f".cache-{out.name}"
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        tqdm.write(f"[{time.perf_counter() - t0:7.0f} s] {msg}", file=sys.stdout)
+
+    vlm = random_tiny(args.seed)
+    if not (cache / "meta.json").is_file():
+        stage_a = train_vision(vlm, args, log)
+        build_cache(vlm, args, cache, stage_a, log)
+    else:
+        log(f"reusing the feature cache {cache}")
+    meta = json.loads((cache / "meta.json").read_text())
+    vlm.vision.load_state_dict(torch.load(cache / "vision.pt"))
+    if args.init:  # continue from a saved model (fresh optimiser and schedule)
+        vlm.load_state_dict(VLM.from_pretrained(args.init).state_dict())
+        log(f"initialised from {args.init}")
+    stage_c = train_lm(vlm, args, cache, out, log)
+    vlm.eval()
+    vlm.save_pretrained(out)
+    summary = {"argv": sys.argv if argv is None else ["python -m tokengine.train", *argv],
+               "variant": args.variant, "seed": args.seed, "cache": meta, "stage_c": stage_c,
+               "wall_seconds_this_run": time.perf_counter() - t0}  # fmt: skip
+    if args.eval_test:
+        test = {}
+        for tokens in (576, 1):
+            for reducer in (args.variant, "pool-avg"):
+                t = time.perf_counter()
+                test[f"{reducer}@{tokens}"] = evaluate_test(
+                    out, reducer, tokens, args.test_per_family
+                )
+                log(f"test {reducer}@{tokens}: {test[f'{reducer}@{tokens}']} "
+                    f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
+        summary["test"] = test
+    (out / LOG_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    (out / STATE_FILE).unlink(missing_ok=True)
+    log(f"done: {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
