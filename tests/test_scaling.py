@@ -1,6 +1,7 @@
 """The power-law fitter reproduces the paper's fits from its digitised scores."""
 
 import csv
+import math
 import pathlib
 
 import numpy as np
@@ -58,6 +59,13 @@ def test_flat_noise_has_low_r2():
     n = np.array([1, 4, 16, 64, 144, 256, 576])
     fit = fit_power_law(n, [0.5, 0.52, 0.49, 0.51, 0.5, 0.48, 0.5], n_boot=100)
     assert abs(fit.gamma) < 0.01 and fit.r2 < 0.5
+
+
+def test_constant_scores_do_not_overflow_c():
+    """gamma ~ 0 (a flat curve) puts c = k^(-1/gamma) beyond float range: reported as None."""
+    fit = fit_power_law([1, 4, 16, 64], [50.0, 50.0, 50.0, 50.0], n_boot=20)
+    assert abs(fit.gamma) < 1e-12 and math.isnan(fit.r2)  # R^2 of constant data: 0/0
+    assert fit.to_dict()["c"] is None and fit.to_dict()["r2"] is None
 
 
 @pytest.mark.parametrize(

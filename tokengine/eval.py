@@ -105,7 +105,7 @@ def load_model(name: str, dtype: torch.dtype, device: str, seed: int) -> tuple[V
     """(model, description, randomly initialised?). Shipped names resolve to package data."""
     if name in tiny.available_models():
         path = tiny.shipped_path(name)
-        return VLM.from_pretrained(path, dtype=dtype, device=device), str(path), False
+        return VLM.from_pretrained(path, dtype=dtype, device=device), f"{name} (shipped)", False
     if name == tiny.DEFAULT_MODEL:  # not trained/shipped yet: say so loudly
         vlm = tiny.random_tiny(seed).to(device=device, dtype=dtype)
         return vlm, f"{name} (RANDOMLY INITIALISED: no trained weights shipped)", True

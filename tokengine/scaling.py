@@ -18,7 +18,7 @@ class PowerLawFit:
 
     k: float
     gamma: float
-    r2: float  # coefficient of determination of the log-log line
+    r2: float  # coefficient of determination of the log-log line; NaN for constant scores
     n_points: int
     gamma_ci: tuple[float, float]
     k_ci: tuple[float, float]
@@ -29,14 +29,24 @@ class PowerLawFit:
 
     @property
     def c(self) -> float:
-        """The paper's c in S = (c/N)^alpha (infinite when gamma is 0)."""
-        return math.inf if self.gamma == 0 else self.k ** (-1.0 / self.gamma)
+        """The paper's c in S = (c/N)^alpha; infinite (or 0) when gamma is (nearly) 0."""
+        if self.gamma == 0:
+            return math.inf
+        log_c = -math.log(self.k) / self.gamma
+        return math.inf if log_c > 709 else math.exp(log_c)  # exp(709) ~ float64's max
 
     def predict(self, n: np.ndarray | float) -> np.ndarray | float:
         return self.k * np.asarray(n, dtype=float) ** self.gamma
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "alpha": self.alpha, "c": self.c}
+        """JSON-ready: c out of float range and R^2 of constant scores become None."""
+        c = self.c
+        return {
+            **asdict(self),
+            "r2": None if math.isnan(self.r2) else self.r2,
+            "alpha": self.alpha,
+            "c": c if 0 < c < math.inf else None,
+        }
 
 
 def _ols(logn: np.ndarray, logs: np.ndarray) -> tuple[float, float, float]:
@@ -45,7 +55,9 @@ def _ols(logn: np.ndarray, logs: np.ndarray) -> tuple[float, float, float]:
     residual = logs - (intercept + slope * logn)
     total = logs - logs.mean()
     ss_tot = float(total @ total)
-    r2 = 1.0 - float(residual @ residual) / ss_tot if ss_tot > 0 else 1.0
+    # constant scores (up to rounding): R^2 is 0/0, undefined
+    flat = np.ptp(logs) <= 1e-9 * max(1.0, float(np.abs(logs).max()))
+    r2 = math.nan if flat else 1.0 - float(residual @ residual) / ss_tot
     return float(intercept), float(slope), r2
 
 

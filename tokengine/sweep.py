@@ -198,7 +198,7 @@ def fit_all(points: list[dict], n_boot: int) -> list[dict]:
         entry = {"task": task, "reducer": reducer, "tokens": n, "scores": s, "chance": chance}
         for label, keep in (
             ("all", [v > 0 for v in s]),
-            ("above_chance", [v > (chance or 0) for v in s]),
+            ("above_chance", [v > (chance or 0) + 1e-6 for v in s]),
         ):
             nn = [x for x, k in zip(n, keep, strict=True) if k]
             ss = [x for x, k in zip(s, keep, strict=True) if k]
@@ -208,6 +208,19 @@ def fit_all(points: list[dict], n_boot: int) -> list[dict]:
                 entry[label] = {"error": str(e)}
         fits.append(entry)
     return fits
+
+
+def _gamma(fit: dict) -> str:
+    if "gamma" not in fit:
+        return "—"
+    return f"{fit['gamma']:.3f} [{fit['gamma_ci'][0]:.3f}, {fit['gamma_ci'][1]:.3f}]"
+
+
+def _r2(fit: dict) -> str:
+    """R² of a fit; "flat" where scores are constant (R² undefined)."""
+    if "gamma" not in fit:
+        return "—"
+    return "flat" if fit["r2"] is None else f"{fit['r2']:.2f}"
 
 
 def write_report(out: Path, points: list[dict], fits: list[dict]) -> None:
@@ -221,28 +234,19 @@ def write_report(out: Path, points: list[dict], fits: list[dict]) -> None:
         "Fits of S = k·N^γ (least squares in log-log over the swept N_l; 95% bootstrap "
         "interval of γ; the paper's form S = (c/N)^α has α = −γ). `all` fits every point "
         "with S > 0; `above chance` only points whose score beats the majority-answer "
-        "baseline.",
+        "baseline; `flat`: the same score at every N_l (R² undefined).",
         "",
         "| task | reducer | chance | k | γ [95% CI] | R² | γ above chance | R² above chance |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for f in fits:
         a, b = f["all"], f["above_chance"]
-
-        def g(fit):
-            return (
-                f"{fit['gamma']:.3f} [{fit['gamma_ci'][0]:.3f}, {fit['gamma_ci'][1]:.3f}]"
-                if "gamma" in fit
-                else "—"
-            )
-
         chance = f"{f['chance']:.1f}" if f["chance"] is not None else "—"
+        k = f"{a['k']:.3g}" if "k" in a else "—"
         lines.append(
-            f"| {f['task']} | {f['reducer']} | {chance} | {a['k']:.3g} | {g(a)} | {a['r2']:.2f} | "
-            if "k" in a
-            else f"| {f['task']} | {f['reducer']} | {chance} | — | — | — | "
+            f"| {f['task']} | {f['reducer']} | {chance} | {k} | {_gamma(a)} | "
+            f"{_r2(a)} | {_gamma(b)} | {_r2(b)} |"
         )
-        lines[-1] += f"{g(b)} | {b['r2']:.2f} |" if "r2" in b else "— | — |"
     lines += [
         "",
         "## Scores per N_l",
@@ -274,14 +278,15 @@ def write_report(out: Path, points: list[dict], fits: list[dict]) -> None:
         "",
     ]
     for f in fits:
-        fit = f["above_chance"] if "r2" in f["above_chance"] else f["all"]
-        if "r2" not in fit:
-            lines.append(f"- {f['task']}, {f['reducer']}: cannot be fitted ({fit['error']})")
-            continue
-        verdict = "holds" if fit["r2"] >= R2_HOLDS else "does not hold"
-        lines.append(
-            f"- {f['task']}, {f['reducer']}: {verdict} (R² {fit['r2']:.2f}, γ {fit['gamma']:.3f})"
-        )
+        fit = f["above_chance"] if "gamma" in f["above_chance"] else f["all"]
+        if "gamma" not in fit:
+            verdict = f"cannot be fitted ({fit['error']})"
+        elif fit["r2"] is None:
+            verdict = "flat: the same score at every N_l, nothing to fit"
+        else:
+            verdict = "holds" if fit["r2"] >= R2_HOLDS else "does not hold"
+            verdict += f" (R² {fit['r2']:.2f}, γ {fit['gamma']:.3f})"
+        lines.append(f"- {f['task']}, {f['reducer']}: {verdict}")
     if {"fusion", "fusion-noq"} <= set(reducers):
         lines += [
             "",
