@@ -490,6 +490,65 @@ def _qc_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dq_segment(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    n_keys,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    offs_n,
+    offs_d,
+    d_mask,
+    qk_scale,
+    gm_row,
+    stride_gn,
+    gm_scale,
+    HAS_GM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    F32: tl.constexpr,
+):
+    """dq += dS @ K over one key segment, P recomputed from the saved lse (base 2).
+
+    With HAS_GM (image keys only) the mass gradient ``gm_row`` adds to dP before dS.
+    """
+    BLOCK_N: tl.constexpr = offs_n.shape[0]
+    for start_n in range(0, n_keys, BLOCK_N):
+        rows = start_n + offs_n
+        n_mask = rows < n_keys
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(
+            k_base + rows[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + rows[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), F32) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(n_mask[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), F32)
+        if HAS_GM:
+            g = tl.load(gm_row + rows * stride_gn, mask=n_mask, other=0.0)
+            dp += g[None, :] * gm_scale
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, F32)
+    return dq
+
+
+@triton.jit
 def _qc_attn_bwd_dq_kernel(
     Q,
     KI,
@@ -580,60 +639,58 @@ def _qc_attn_bwd_dq_kernel(
 
     ki_base = KI + b64 * stride_kib + kvh * stride_kih
     vi_base = VI + b64 * stride_vib + kvh * stride_vih
-    for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        n_mask = cols < N
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            ki_base + cols[:, None].to(tl.int64) * stride_kin + offs_d[None, :] * stride_kid,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            vi_base + cols[:, None].to(tl.int64) * stride_vin + offs_d[None, :] * stride_vid,
-            mask=kv_mask,
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), F32) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(n_mask[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), F32)
-        if HAS_GM:
-            g = tl.load(GM + b64 * stride_gb + cols * stride_gn, mask=n_mask, other=0.0)
-            dp += g[None, :] * gm_scale
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, F32)
-
+    dq = _dq_segment(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        ki_base,
+        vi_base,
+        N,
+        stride_kin,
+        stride_kid,
+        stride_vin,
+        stride_vid,
+        offs_n,
+        offs_d,
+        d_mask,
+        qk_scale,
+        GM + b64 * stride_gb,
+        stride_gn,
+        gm_scale,
+        HAS_GM,
+        UPCAST,
+        F32,
+    )
     t_start = tl.load(CU + b)
     t_len = tl.load(CU + b + 1) - t_start
     kt_base = KT + t_start.to(tl.int64) * stride_ktt + kvh * stride_kth
     vt_base = VT + t_start.to(tl.int64) * stride_vtt + kvh * stride_vth
-    for start_n in range(0, t_len, BLOCK_N):
-        trow = start_n + offs_n
-        n_mask = trow < t_len
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            kt_base + trow[:, None].to(tl.int64) * stride_ktt + offs_d[None, :] * stride_ktd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            vt_base + trow[:, None].to(tl.int64) * stride_vtt + offs_d[None, :] * stride_vtd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), F32) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(n_mask[None, :], p, 0.0)
-        dp = _dot(do, tl.trans(v), F32)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, F32)
+    dq = _dq_segment(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        kt_base,
+        vt_base,
+        t_len,
+        stride_ktt,
+        stride_ktd,
+        stride_vtt,
+        stride_vtd,
+        offs_n,
+        offs_d,
+        d_mask,
+        qk_scale,
+        GM,
+        stride_gn,
+        gm_scale,
+        False,
+        UPCAST,
+        F32,
+    )
 
     dq = dq * sm_scale
     tl.store(
