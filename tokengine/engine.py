@@ -84,8 +84,8 @@ class Engine:
         if IMAGE_TOKEN not in template or "{question}" not in template:
             raise ValueError(f"template must contain {IMAGE_TOKEN!r} and '{{question}}'")
         self.template = template
-        eos = vlm.config.text.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos_ids = set(vlm.config.text.eos_token_ids)
+        self._eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> Engine:
@@ -242,9 +242,9 @@ class Engine:
         return ids[:at] + [image_id] * n_image + ids[at + 1 :]
 
     def _is_eos(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.isin(
-            ids, torch.tensor(sorted(self.eos_ids), device=ids.device, dtype=ids.dtype)
-        )
+        if self._eos.device != ids.device:
+            self._eos = self._eos.to(ids.device)
+        return torch.isin(ids, self._eos)
 
     def _until_eos(self, ids: list[int]) -> list[int]:
         for i, t in enumerate(ids):
