@@ -250,59 +250,44 @@ def _normalise_rope_scaling(
 
 
 # Shapes of real checkpoints, in config.json form, for benchmarks with random weights.
-KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    "llava-1.5-7b": {
-        "model_type": "llava",
-        "image_token_index": 32000,
-        "pad_token_id": 32001,
-        "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "default",
-        "projector_hidden_act": "gelu",
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 336,
-            "patch_size": 14,
-        },
-        "text_config": {
-            "model_type": "llama",
-            "vocab_size": 32064,
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5,
-        },
+_LLAVA_1_5_7B: dict[str, Any] = {
+    "model_type": "llava",
+    "image_token_index": 32000,
+    "pad_token_id": 32001,
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "projector_hidden_act": "gelu",
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
     },
+    "text_config": {
+        "model_type": "llama",
+        "vocab_size": 32064,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+    },
+}
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    "llava-1.5-7b": _LLAVA_1_5_7B,
+    # the same CLIP tower and projector recipe over Vicuna-13B
     "llava-1.5-13b": {
-        "model_type": "llava",
-        "image_token_index": 32000,
-        "pad_token_id": 32001,
-        "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "default",
-        "projector_hidden_act": "gelu",
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "image_size": 336,
-            "patch_size": 14,
-        },
+        **_LLAVA_1_5_7B,
         "text_config": {
-            "model_type": "llama",
-            "vocab_size": 32064,
+            **_LLAVA_1_5_7B["text_config"],
             "hidden_size": 5120,
             "intermediate_size": 13824,
             "num_hidden_layers": 40,
             "num_attention_heads": 40,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5,
         },
     },
 }
