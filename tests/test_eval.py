@@ -104,3 +104,30 @@ def test_eval_cli_reports_errors_cleanly(tmp_path):
         text=True,
     )
     assert res.returncode != 0 and "error: unknown task" in res.stderr
+
+
+def test_generate_cli_answers_one_question(tmp_path, capsys):
+    from tokengine import generate
+    from tokengine.data.synthetic import test_split
+
+    sample = test_split("colour", n_per_family=1, image_size=96)[0]
+    path = tmp_path / "scene.png"
+    sample.image.save(path)
+    assert (
+        generate.main(
+            [
+                "--image",
+                str(path),
+                "--question",
+                sample.question,
+                "--tokens",
+                "16",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out.strip()  # the answer
+    assert "fusion, N_l=16" in captured.err and "TTFT" in captured.err

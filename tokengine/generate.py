@@ -12,18 +12,8 @@ import sys
 import torch
 
 from tokengine.engine import Engine
+from tokengine.eval import DTYPES, default_reducer, load_model
 from tokengine.models.reducer import REDUCERS
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_model(name: str) -> str:
-    """A shipped model name (e.g. tokengine-tiny) to its packaged directory; paths pass through."""
-    from tokengine.models import tiny
-
-    if name in tiny.available_models():
-        return str(tiny.shipped_path(name))
-    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args(argv)
 
-    engine = Engine.from_pretrained(
-        resolve_model(args.model), dtype=DTYPES[args.dtype], device=args.device
-    )
-    reducer = args.reducer or default_reducer(engine, args.tokens)
+    vlm, model_desc, _ = load_model(args.model, DTYPES[args.dtype], args.device, seed=0)
+    engine = Engine(vlm)
+    reducer = args.reducer or default_reducer(vlm, args.tokens)
     res = engine.generate(
         [args.image],
         [args.question],
@@ -61,19 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     t = res.timings
     print(res.texts[0])
     print(
-        f"[{reducer}, N_l={res.image_tokens[0]}] TTFT {res.ttft_ms[0]:.1f} ms (vision "
-        f"{t['vision_ms']:.1f}, reduce {t['reduce_ms']:.1f}, prefill {t['prefill_ms']:.1f}), "
+        f"[{model_desc}, {reducer}, N_l={res.image_tokens[0]}] "
+        f"TTFT {res.ttft_ms[0]:.1f} ms (vision {t['vision_ms']:.1f}, "
+        f"reduce {t['reduce_ms']:.1f}, prefill {t['prefill_ms']:.1f}), "
         f"decode {t['decode_tokens_per_s']:.1f} tok/s",
         file=sys.stderr,
     )
     return 0
-
-
-def default_reducer(engine: Engine, tokens: int | None) -> str:
-    """fusion for models trained with it; otherwise all tokens, or grid pooling to N_l."""
-    if engine.vlm.reducer is not None:
-        return "fusion"
-    return "none" if tokens is None else "pool-avg"
 
 
 if __name__ == "__main__":
