@@ -22,6 +22,7 @@ from tokengine.models.reducer import REDUCERS, question_guided_scores, reduce_to
 
 LLAVA_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 IMAGE_TOKEN = "<image>"
+QUESTION_READERS = ("pool-question", "fusion")  # reducers that look at the question
 
 
 @dataclass
@@ -170,12 +171,9 @@ class Engine:
         features = vlm.encode_images(pixels)  # (B, N, Dv)
         clock.mark("vision_ms")
         n_image = features.shape[1] if tokens is None else tokens
-        question_ids = [self.tokenizer.encode(q, add_special_tokens=False).ids for q in questions]
-        lengths = torch.tensor([0] + [len(q) for q in question_ids])
-        cu = lengths.cumsum(0).to(torch.int32).to(device)
-        flat = torch.tensor([t for q in question_ids for t in q], dtype=torch.long, device=device)
-        question = vlm.lm.embed(flat)  # (T, Dlm)
-        scores = None
+        question = cu = scores = None
+        if reducer in QUESTION_READERS:
+            question, cu = self._question_embeddings(questions)
         if reducer == "pool-question":
             scores = question_guided_scores(vlm.project(features), question, cu)
         reduced = reduce_tokens(
@@ -228,6 +226,13 @@ class Engine:
         generated = torch.stack(out, 1).tolist()
         steps = len(out) - 1
         return [self._until_eos(g) for g in generated], steps, ttft, stages, n_image
+
+    def _question_embeddings(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The questions' token embeddings packed (T, Dlm), with cu_seqlens (B+1,) int32."""
+        ids = [self.tokenizer.encode(q, add_special_tokens=False).ids for q in questions]
+        cu = torch.tensor([0] + [len(q) for q in ids]).cumsum(0).to(torch.int32)
+        flat = torch.tensor([t for q in ids for t in q], dtype=torch.long, device=self.device)
+        return self.vlm.lm.embed(flat), cu.to(self.device)
 
     def _prompt_ids(self, question: str, n_image: int) -> list[int]:
         """The prompt's ids with the single ``<image>`` placeholder expanded to N_l slots."""
