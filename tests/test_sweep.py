@@ -71,10 +71,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free rendezvous port: a fixed one collides with other runs
             "--nproc-per-node",
             "2",
-            "--master-port",
-            "29533",
             "-m",
             "tokengine.sweep",
             *ARGS,
