@@ -1,7 +1,8 @@
 """Engine benchmarks, each beside its baseline in the same run.
 
 - end-to-end greedy generation (batch 1, 16 new tokens) on a tiny random LLaVA: tokengine's
-  Engine (from a PIL image: preprocessing, tokenisation, vision, prefill, decode) against
+  Engine, eager and with ``compile=True`` (from a PIL image: preprocessing, tokenisation,
+  vision, prefill, decode) against
   ``transformers``' ``LlavaForConditionalGeneration.generate`` on the same weights (given
   ready-made input_ids and pixel_values, so HF is spared the preprocessing);
 - LM prefill of a 2-layer slice of LLaVA-1.5-7B's language model (random weights) with the
@@ -73,6 +74,17 @@ def tiny_llava(tmp_path_factory):
 def test_generate_tokengine_engine(benchmark, tiny_llava):
     _, ours, image = tiny_llava
     engine = Engine(ours)
+    benchmark.group = f"generate tiny LLaVA, batch 1, {NEW_TOKENS} new tokens"
+    result = engine.generate([image], [QUESTION], max_new_tokens=NEW_TOKENS)
+    assert len(result.token_ids[0]) == NEW_TOKENS
+    run(benchmark, lambda: engine.generate([image], [QUESTION], max_new_tokens=NEW_TOKENS), 0)
+
+
+def test_generate_tokengine_engine_compiled(benchmark, tiny_llava):
+    """The same with ``Engine(compile=True)``: the decode step as one torch.compile graph
+    (compiled in the warm-up call below, which the timing excludes)."""
+    _, ours, image = tiny_llava
+    engine = Engine(ours, compile=True)
     benchmark.group = f"generate tiny LLaVA, batch 1, {NEW_TOKENS} new tokens"
     result = engine.generate([image], [QUESTION], max_new_tokens=NEW_TOKENS)
     assert len(result.token_ids[0]) == NEW_TOKENS

@@ -217,3 +217,18 @@ def test_fusion_reducer_round_trips_through_save_pretrained(vlm, tmp_path):
         images(2), QUESTIONS[:2], tokens=16, reducer="fusion", max_new_tokens=4
     )
     assert a.token_ids == b.token_ids
+
+
+def test_compiled_decode_gives_the_same_answers(vlm):
+    """``compile=True`` (torch.compile'd decode step, bucketed cache) changes speed only; the
+    second call reuses the graph and the zeroed cache of the first."""
+    pytest.importorskip("torch._inductor")
+    imgs = images(3, seed=2)
+    eager = Engine(vlm).generate(imgs, QUESTIONS[:3], tokens=16, reducer="fusion",
+                                 max_new_tokens=5, batch_size=3)  # fmt: skip
+    engine = Engine(vlm, compile=True)
+    for _ in range(2):
+        res = engine.generate(imgs, QUESTIONS[:3], tokens=16, reducer="fusion",
+                              max_new_tokens=5, batch_size=3)  # fmt: skip
+        assert res.token_ids == eager.token_ids
+    assert vlm.lm.max_seq_len % Engine.CACHE_BUCKET == 0

@@ -99,9 +99,11 @@ def test_train_cli_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path):
     hist_first, hist_last = summary["stage_c"]["loss_first"], summary["stage_c"]["loss_last"]
     assert sum(hist_last[-5:]) / 5 < sum(hist_first[:5]) / 5
     for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
-              "tokengine_config.json", "training.json"):  # fmt: skip
+              "tokengine_config.json", "training.json", "MODEL_CARD.md"):  # fmt: skip
         assert (out / f).is_file(), f
     assert json.loads((out / "tokengine_config.json").read_text())["reducer"]["num_queries"] == 576
+    card = (out / "MODEL_CARD.md").read_text()
+    assert " ".join(argv) in card and "20 steps" in card
     vlm = VLM.from_pretrained(out)
     samples = test_split("shape", 2, vlm.config.vision.image_size)
     res = Engine(vlm).generate(

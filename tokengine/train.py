@@ -4,7 +4,9 @@ Staged, as DESIGN.md's CPU lessons ask (a from-scratch end-to-end run learned on
 
 a. **Dense vision pre-training** (``--vision-minutes``): the CLIP ViT learns per-patch labels
    from :func:`tokengine.data.synthetic.dense_labels` (colour, shape, character, object centre;
-   background is a class of its own) through LayerNorm + linear heads on its last layer.
+   background is a class of its own) through LayerNorm + linear heads on its last layer, plus
+   each object's shape from its patches' mean feature (per-patch shape labels alone stayed at
+   chance).
 b. **Feature cache** (``--cache-samples``): the frozen ViT's 24×24×64 grids of that many
    training-stream samples, fp16 in a ``.npy`` memmap under ``--cache`` with the prompts'
    token ids. Both variants reuse one cache (the second run finds it and skips a and b).
@@ -15,35 +17,32 @@ c. **Reducer + projector + LM** (``--minutes`` or ``--steps``) on the cached gri
    through ``pool-avg``, so that the sweep's pooling baseline is meaningful on the same
    checkpoint. The prompt is the Engine's (``USER: <image>\\n{question} ASSISTANT:``, ``<s>``
    first, ``<image>`` expanded to N_l slots, left-padded); the loss is cross-entropy on the
-   answer token and EOS only.
+   answer token and EOS, plus (weight ``--probe-weight``) a training-only linear probe that
+   reads the answer off the mean reduced token and the mean question embedding, a short
+   gradient path into the reducer (:class:`AnswerProbe`; not saved).
 
 Validation runs on a held-out slice of the training stream (another stream seed, never the
 test split); ``--eval-test`` then scores the saved model on the fixed test split with the
 Engine. State is saved every ``--save-every`` steps; ``--resume`` continues from it.
 
-The shipped checkpoints were made with these commands (2 CPU cores shared with other jobs,
-torch 2.13, one process at a time). Stage 1 (a + b + c, shared by both variants; 26.8 min)::
+The shipped checkpoints were made with these commands on this repository's 2-core CPU (torch
+2.13, nothing else running): first stages a + b (shared by both variants: 12 min of dense
+vision training, then 40,000 cached grids; stage c here is a token 3 s)::
 
-    python -m tokengine.train --variant fusion --output runs/tiny-stage1 \\
-        --cache /tmp/tokengine-tiny-cache --vision-minutes 7 --cache-samples 30000 \\
-        --minutes 15 --min-batch 16 --seed 0
+    python -m tokengine.train --variant fusion --output runs/stage-ab \\
+        --cache runs/tiny-cache --vision-minutes 12 --cache-samples 40000 --minutes 0.05 \\
+        --val-every 1 --seed 0
 
-then one continuation per variant (stage c only, from stage 1's weights; 11 min of training
-plus validation and the test-split evaluation: 12.4 min each)::
+then both variants at once, one thread each (35 min of stage c, then the test split)::
 
     python -m tokengine.train --variant fusion --output tokengine/assets/tokengine-tiny \\
-        --cache /tmp/tokengine-tiny-cache --init runs/tiny-stage1 \\
-        --tokens 1,1,4,4,16,16,64,64,144,256,576 --batch-size 32 --warmup 20 --minutes 11 \\
-        --val-every 3 --seed 1 --eval-test
+        --cache runs/tiny-cache --tokens 1,1,4,4,16,16,64,64,144,256,576 --minutes 35 \\
+        --val-every 5 --threads 1 --seed 0 --eval-test
     python -m tokengine.train --variant fusion-noq --output tokengine/assets/tokengine-tiny-noq \\
-        --cache /tmp/tokengine-tiny-cache --init runs/tiny-stage1 \\
-        --tokens 1,1,4,4,16,16,64,64,144,256,576 --batch-size 32 --warmup 20 --minutes 11 \\
-        --val-every 3 --seed 1 --eval-test
+        --cache runs/tiny-cache --tokens 1,1,4,4,16,16,64,64,144,256,576 --minutes 35 \\
+        --val-every 5 --threads 1 --seed 0 --eval-test
 
-That budget was not enough: both checkpoints answer at the majority-answer level (they learned
-the answer format and each family's prior, not yet the image); see their MODEL_CARD.md. On this
-CPU a stage-c step costs 1-5 s (contended), so the ~1,000 steps run here are far from what
-the task needs; give stage c hours (or a GPU) for a real N_l curve.
+Each writes MODEL_CARD.md with its command, times and validation and test-split scores.
 """
 
 from __future__ import annotations
@@ -90,7 +89,13 @@ LOG_FILE = "training.json"
 
 # ------------------------------------------------------------------------------ stage a
 class DenseHeads(nn.Module):
-    """Per-patch linear heads (after LayerNorm) on the ViT's output grid."""
+    """Per-patch linear heads (after LayerNorm) on the ViT's output grid, plus a shape head on
+    each object's mean patch feature.
+
+    A patch inside a shape looks the same for every shape, so per-patch shape labels alone
+    left the ViT at chance (0.23 after 300 steps, measured); the object-mean head only asks
+    that the patches' features *sum* to the shape, which boundary patches can each add to.
+    """
 
     SIZES = {"colour": len(COLOUR_NAMES) + 1, "shape": len(SHAPES) + 1,
              "char": len(CHARSET) + 1, "centre": 2}  # fmt: skip
@@ -99,10 +104,36 @@ class DenseHeads(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.heads = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in self.SIZES.items()})
+        self.object_norm = nn.LayerNorm(dim)
+        self.object_shape = nn.Linear(dim, len(SHAPES))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.norm(x)
         return {k: head(h) for k, head in self.heads.items()}
+
+    def object_logits(self, x: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
+        """Shape logits (count, len(SHAPES)) of the mean of ``x`` (B, N, D) over each segment;
+        ``segments`` (B, N) holds a segment index per patch, -1 for none."""
+        flat, seg = x.flatten(0, 1), segments.flatten()
+        keep = seg >= 0
+        sums = x.new_zeros(count, x.shape[-1]).index_add_(0, seg[keep], flat[keep])
+        n = torch.bincount(seg[keep], minlength=count).clamp_min(1)
+        return self.object_shape(self.object_norm(sums / n[:, None]))
+
+
+def object_targets(samples) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch, the index of its shape object over the batch (-1: none), (B, 576); and each
+    such object's shape, (count,)."""
+    segments = np.full((len(samples), GRID * GRID), -1, dtype=np.int64)
+    shapes: list[int] = []
+    for b, sample in enumerate(samples):
+        lab = dense_labels(sample)
+        ids, shape = lab["object"].reshape(-1), lab["shape"].reshape(-1)
+        for i in np.unique(ids[shape >= 0]):
+            at = ids == i
+            segments[b, at] = len(shapes)
+            shapes.append(int(shape[at][0]))
+    return torch.from_numpy(segments), torch.tensor(shapes, dtype=torch.long)
 
 
 def patch_targets(sample) -> dict[str, np.ndarray]:
@@ -124,6 +155,26 @@ def patch_targets(sample) -> dict[str, np.ndarray]:
     return out
 
 
+@torch.no_grad()
+def patch_accuracy(vlm: VLM, heads: DenseHeads, samples) -> dict[str, float]:
+    """Per-head accuracy on the object patches of held-out scenes (centre: on centre patches)."""
+    was_training = vlm.vision.training
+    vlm.vision.eval()
+    feats = vlm.vision(preprocess_images([s.image for s in samples], vlm.image_processor))
+    vlm.vision.train(was_training)
+    out = heads(feats)
+    tg = [patch_targets(s) for s in samples]
+    acc = {}
+    for k in out:
+        t = torch.from_numpy(np.stack([x[k] for x in tg]))
+        fg = t != (DenseHeads.SIZES[k] - 1) if k != "centre" else t == 1
+        acc[k] = round(float((out[k].argmax(-1) == t)[fg].float().mean()), 3)
+    segments, shapes = object_targets(samples)
+    hit = heads.object_logits(feats, segments, len(shapes)).argmax(-1) == shapes
+    acc["object_shape"] = round(float(hit.float().mean()), 3)
+    return acc
+
+
 def train_vision(vlm: VLM, args, log) -> dict:
     """Stage a: dense supervision of the vision tower, for a time or step budget."""
     heads = DenseHeads(vlm.config.vision.hidden_size)
@@ -136,6 +187,7 @@ def train_vision(vlm: VLM, args, log) -> dict:
     for k in ("colour", "shape", "char"):
         weights[k][-1] = 0.2
     weights["centre"][1] = 5.0
+    val = list(islice(train_stream(args.seed + VAL_STREAM_OFFSET, IMAGE_SIZE), 256))
     vlm.vision.train()
     t0, step, hist = time.perf_counter(), 0, []
     bar = tqdm(desc="a: dense vision", unit="step", file=sys.stdout, mininterval=5)
@@ -150,7 +202,9 @@ def train_vision(vlm: VLM, args, log) -> dict:
         pixels = preprocess_images([s.image for s in batch], vlm.image_processor)
         tg = [patch_targets(s) for s in batch]
         targets = {k: torch.from_numpy(np.stack([t[k] for t in tg])) for k in tg[0]}
-        out = heads(vlm.vision(pixels))
+        feats = vlm.vision(pixels)
+        out = heads(feats)
+        segments, shapes = object_targets(batch)
         losses = {
             k: F.cross_entropy(
                 out[k].flatten(0, 1),
@@ -159,6 +213,9 @@ def train_vision(vlm: VLM, args, log) -> dict:
             )
             for k in out
         }
+        losses["object_shape"] = F.cross_entropy(
+            heads.object_logits(feats, segments, len(shapes)), shapes
+        )
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,18 +225,11 @@ def train_vision(vlm: VLM, args, log) -> dict:
         hist.append(loss.item())
         bar.update()
         bar.set_postfix(loss=f"{np.mean(hist[-20:]):.3f}")
+        if args.val_every and step % 100 == 0:
+            log(f"  step {step} loss {np.mean(hist[-20:]):.3f} patch accuracy "
+                f"{patch_accuracy(vlm, heads, val[:64])}")  # fmt: skip
     bar.close()
-    vlm.vision.eval()
-    # patch accuracy on held-out scenes (object patches only)
-    val = list(islice(train_stream(args.seed + VAL_STREAM_OFFSET, IMAGE_SIZE), 256))
-    with torch.inference_mode():
-        out = heads(vlm.vision(preprocess_images([s.image for s in val], vlm.image_processor)))
-    tg = [patch_targets(s) for s in val]
-    acc = {}
-    for k in out:
-        t = torch.from_numpy(np.stack([x[k] for x in tg]))
-        fg = t != (DenseHeads.SIZES[k] - 1) if k != "centre" else t == 1
-        acc[k] = float((out[k].argmax(-1) == t)[fg].float().mean())
+    acc = patch_accuracy(vlm, heads, val)
     res = {"steps": step, "seconds": time.perf_counter() - t0, "final_loss": hist[-1] if hist else
            None, "patch_accuracy_fg": acc, "images": step * args.vision_batch_size}  # fmt: skip
     log(f"stage a: {res}")
@@ -257,8 +307,33 @@ def build_cache(vlm: VLM, args, cache: Path, stage_a: dict, log) -> None:
 
 
 # ------------------------------------------------------------------------------ stage c
-def lm_batch(vlm: VLM, feats: torch.Tensor, recs: list[dict], tokens: int, reducer: str):
-    """Logits at the answer and EOS positions: (B, 2, V), and targets (B, 2)."""
+class AnswerProbe(nn.Module):
+    """Training-only deep supervision: the answer read straight off the reduced tokens.
+
+    Stage c learned slowly through the LM alone (the answer prior only, for thousands of
+    steps); a linear readout of the mean reduced token plus the mean question embedding gives
+    the reducer a short gradient path to the answer. It is not part of the saved model.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, vocab_size: int) -> None:
+        super().__init__()
+        self.question = nn.Linear(text_dim, vision_dim)
+        self.norm = nn.LayerNorm(vision_dim)
+        self.out = nn.Linear(vision_dim, vocab_size)
+
+    def forward(self, reduced: torch.Tensor, question: torch.Tensor, cu: torch.Tensor):
+        """reduced (B, N_l, Dv), question (T, Dt) packed by cu (B+1,) -> logits (B, V)."""
+        lengths = (cu[1:] - cu[:-1]).long()
+        sample = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        q = question.new_zeros(len(lengths), question.shape[-1]).index_add_(0, sample, question)
+        q = q / lengths.clamp_min(1)[:, None]
+        return self.out(self.norm(reduced.mean(1) + self.question(q)))
+
+
+def lm_batch(vlm: VLM, feats: torch.Tensor, recs: list[dict], tokens: int, reducer: str,
+             probe: AnswerProbe | None = None):  # fmt: skip
+    """Logits at the answer and EOS positions: (B, 2, V), and targets (B, 2); with a
+    ``probe``, also its answer logits (B, V)."""
     B = len(recs)
     qlen = torch.tensor([0] + [len(r["question"]) for r in recs])
     cu = qlen.cumsum(0).to(torch.int32)
@@ -281,6 +356,8 @@ def lm_batch(vlm: VLM, feats: torch.Tensor, recs: list[dict], tokens: int, reduc
     rows = torch.arange(B)[:, None]
     cols = (lens - 3)[:, None] + torch.arange(2)
     targets = torch.tensor([[r["answer"], EOS_ID] for r in recs])
+    if probe is not None:
+        return logits[rows, cols], targets, probe(reduced, question, cu)
     return logits[rows, cols], targets
 
 
@@ -350,7 +427,10 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
     n = len(recs)
     log(f"stage c: {n} cached samples, variant {args.variant}")
     vlm.vision.requires_grad_(False)
+    c = vlm.config
+    probe = AnswerProbe(c.vision.hidden_size, c.text.hidden_size, c.text.vocab_size)
     params = [p for name, p in vlm.named_parameters() if not name.startswith("vision.")]
+    params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(args.seed)
     state_file = out / STATE_FILE
@@ -358,6 +438,7 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
     if args.resume and state_file.is_file():
         st = torch.load(state_file, weights_only=False)
         vlm.load_state_dict(st["model"])
+        probe.load_state_dict(st["probe"])
         opt.load_state_dict(st["optim"])
         step, spent, hist, val_log = st["step"], st["spent"], st["hist"], st["val_log"]
         cursor, seen, perm = st["cursor"], st["seen"], st["perm"]
@@ -392,8 +473,11 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
         cursor += bs
         seen += bs
         reducer = "pool-avg" if rng.random() < args.pool_share else args.variant
-        logits, targets = lm_batch(vlm, feats[idx].float(), [recs[i] for i in idx], tokens, reducer)
+        batch = [recs[i] for i in idx]
+        logits, targets, probed = lm_batch(vlm, feats[idx].float(), batch, tokens, reducer, probe)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if reducer != "pool-avg":
+            loss = loss + args.probe_weight * F.cross_entropy(probed, targets[:, 0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -411,7 +495,7 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
             val_log.append({"step": step, "seconds": spent, **v})
             log(f"  step {step} ({spent:.0f} s) loss {np.mean(hist[-50:]):.3f} val {_fmt(v)}")
         if args.save_every and step % args.save_every == 0:
-            extra = {"cursor": cursor, "seen": seen, "perm": perm}
+            extra = {"cursor": cursor, "seen": seen, "perm": perm, "probe": probe.state_dict()}
             _save_state(state_file, vlm, opt, step, spent, hist, val_log, rng, extra)
     bar.close()
     final = validate(vlm, val_feats, val_recs, args.variant)
@@ -448,6 +532,113 @@ def evaluate_test(model_dir, reducer: str, tokens: int, n_per_family: int = 200,
     return out
 
 
+# ------------------------------------------------------------------------------ model card
+def majority_baseline(n_per_family: int) -> dict[str, tuple[str, float]]:
+    """Per family of the test split: the most common answer and its share."""
+    out = {}
+    for fam in FAMILIES:
+        answers = [s.answer for s in test_split(fam, n_per_family, IMAGE_SIZE)]
+        top = max(sorted(set(answers)), key=answers.count)
+        out[fam] = (top, answers.count(top) / len(answers))
+    return out
+
+
+def _score_table(scores: dict[str, dict], majority: dict[str, tuple[str, float]]) -> str:
+    keys = list(scores)
+    lines = ["| family | majority answer | " + " | ".join(keys) + " |",
+             "|---|---|" + "---|" * len(keys)]  # fmt: skip
+    for fam in [*FAMILIES, "mean"]:
+        if fam == "mean":
+            base = f"{np.mean([m[1] for m in majority.values()]):.3f}"
+        else:
+            base = f"{majority[fam][1]:.3f} ({majority[fam][0]})"
+        lines.append(f"| {fam} | {base} | " + " | ".join(f"{scores[k][fam]:.3f}" for k in keys)
+                     + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def model_card(summary: dict, vlm: VLM, size_bytes: int) -> str:
+    """MODEL_CARD.md text from a training summary (training.json): what was run, for how long,
+    and the scores, with the issue's quality targets checked against the test split."""
+    variant, c, meta = summary["variant"], summary["stage_c"], summary["cache"]
+    a = meta["stage_a"]
+    test = summary.get("test", {})
+    majority = majority_baseline(summary["test_per_family"])
+    lines = [f"# {Path(summary['output']).name}", ""]
+    if test:
+        top, low = test[f"{variant}@576"], test[f"{variant}@1"]
+        checks = {
+            "existence, colour, shape >= 0.90 at N_l=576":
+                all(top[f] >= 0.9 for f in ("existence", "colour", "shape")),
+            "mean >= 0.70 at N_l=576": top["mean"] >= 0.7,
+            "N_l=1 lower than N_l=576 on counting, text and chart":
+                all(low[f] < top[f] for f in ("counting", "text", "chart")),
+        }  # fmt: skip
+        lines += [
+            f"Test split ({summary['test_per_family']} questions per family, answers generated "
+            f"by the Engine): mean accuracy **{top['mean']:.3f}** at N_l=576 and "
+            f"{low['mean']:.3f} at N_l=1 with `{variant}`; always answering each family's most "
+            f"common answer scores {np.mean([m[1] for m in majority.values()]):.3f}.",
+            "",
+            "Quality targets set for tokengine-tiny:",
+            *[f"- {k}: **{'met' if ok else 'not met'}**" for k, ok in checks.items()],
+            "",
+            _score_table(test, majority),
+        ]
+    v, t, r = vlm.config.vision, vlm.config.text, vlm.reducer.config
+    n_params = sum(p.numel() for p in vlm.parameters())
+    lines += [
+        "## Architecture",
+        f"- vision: CLIP ViT, {v.image_size} px, {v.patch_size} px patches "
+        f"({v.image_size // v.patch_size}x{v.image_size // v.patch_size} tokens), width "
+        f"{v.hidden_size}, {v.num_hidden_layers} layers, {v.num_attention_heads} heads, MLP "
+        f"{v.intermediate_size}; last layer, CLS dropped.",
+        f"- reducer `{variant}`: {r.num_queries} nested learned queries, {r.num_layers} blocks "
+        f"[self-attention{' over queries + question' if variant == 'fusion' else ''} -> "
+        f"qc cross-attention over image{' + question' if variant == 'fusion' else ''} -> MLP], "
+        f"width {r.vision_dim}, {r.num_heads} heads. One checkpoint serves N_l = 1..576; "
+        "`pool-*` reducers run on the same weights.",
+        f"- projector: mlp2x_gelu {v.hidden_size} -> {t.hidden_size} -> {t.hidden_size}.",
+        f"- LM: Llama, width {t.hidden_size}, {t.num_hidden_layers} layers, "
+        f"{t.num_attention_heads} heads / {t.num_key_value_heads} KV heads, SwiGLU "
+        f"{t.intermediate_size}; word-level tokenizer of {t.vocab_size} entries; prompt "
+        "`USER: <image>\\n{question} ASSISTANT:`, one-word answers.",
+        f"- {n_params / 1e6:.2f}M parameters, fp32 safetensors; {size_bytes / 2**20:.2f} MiB "
+        "on disk.",
+        "",
+        "## Training",
+        "Command (from the repository root; torch threads as given by `--threads`):",
+        "",
+        "```",
+        " ".join(summary["argv"]),
+        "```",
+        "",
+        f"- seed {summary['seed']}; stage c wall time {c['seconds'] / 60:.1f} min "
+        f"({c['steps']} steps, {c['samples_seen']} samples); this run in all "
+        f"{summary['wall_seconds_this_run'] / 60:.1f} min including validation and the test "
+        "split.",
+        f"- feature cache (stages a and b, shared by the variants; built by the first run that "
+        f"found none): dense vision pre-training {a['steps']} steps x "
+        f"{a['images'] // max(a['steps'], 1)} images in {a['seconds'] / 60:.1f} min, held-out "
+        f"accuracy {a['patch_accuracy_fg']}; {meta['samples']} cached grids in "
+        f"{meta['cache_seconds'] / 60:.1f} min.",
+        f"- loss (answer + EOS cross-entropy, plus the training-only answer probe) first 20 "
+        f"steps {np.mean(c['loss_first']):.3f}, last 20 {np.mean(c['loss_last']):.3f}.",
+        "",
+        "Validation (held-out slice of the training stream, first-token accuracy on cached "
+        "features), during training:",
+        "",
+        *([f"- step {x['step']}: " + ", ".join(f"{k} {x[k]['mean']:.3f}" for k in x
+                                              if isinstance(x[k], dict)) for x in c["val_log"]]
+          or ["- (none)"]),
+        "",
+        "and at the end (the majority column is the test split's, for scale):",
+        "",
+        _score_table(c["val_final"], majority),
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -469,6 +660,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--pool-share", type=float, default=0.25)
+    p.add_argument(
+        "--probe-weight",
+        type=float,
+        default=1.0,
+        help="weight of the training-only answer probe on the reduced tokens",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=float, default=4.0, help="minutes between validations")
     p.add_argument("--save-every", type=int, default=200, help="steps between state saves")
@@ -513,8 +710,8 @@ def main(argv=None) -> dict:
     vlm.eval()
     vlm.save_pretrained(out)
     summary = {"argv": sys.argv if argv is None else ["python -m tokengine.train", *argv],
-               "variant": args.variant, "seed": args.seed, "cache": meta, "stage_c": stage_c,
-               "wall_seconds_this_run": time.perf_counter() - t0}  # fmt: skip
+               "output": str(out), "variant": args.variant, "seed": args.seed, "cache": meta,
+               "stage_c": stage_c, "test_per_family": args.test_per_family}  # fmt: skip
     if args.eval_test:
         test = {}
         for tokens in (576, 1):
@@ -526,7 +723,10 @@ def main(argv=None) -> dict:
                 log(f"test {reducer}@{tokens}: {test[f'{reducer}@{tokens}']} "
                     f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
         summary["test"] = test
+    summary["wall_seconds_this_run"] = time.perf_counter() - t0
     (out / LOG_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != STATE_FILE)
+    (out / "MODEL_CARD.md").write_text(model_card(summary, vlm, size))
     (out / STATE_FILE).unlink(missing_ok=True)
     log(f"done: {out}")
     return summary

@@ -118,13 +118,21 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         input_pos: torch.Tensor,
         mask: torch.Tensor,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """x (B, S, D), cos/sin (B, 1, S, hd), input_pos (S,), mask (B, 1, S, max_seq_len)."""
+        """x (B, S, D), cos/sin (B, 1, S, hd), input_pos (S,), mask (B, 1, S, max_seq_len).
+
+        Keys and values of all S tokens go into the cache; with ``last_only`` only the last
+        token attends, and the output is (B, 1, D).
+        """
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if last_only:
+            x, cos, sin, mask, S = x[:, -1:], cos[:, :, -1:], sin[:, :, -1:], mask[:, :, -1:], 1
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v)
         gqa = self.num_kv_heads != self.num_heads  # SDPA maps query heads onto KV groups
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -154,8 +162,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, input_pos, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, input_pos, mask, last_only: bool = False) -> torch.Tensor:
+        """x (B, S, D) -> (B, S, D), or (B, 1, D) for the last token with ``last_only``."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -186,12 +196,28 @@ class LlamaDecoder(nn.Module):
     ) -> None:
         """Allocate zeroed KV caches for ``batch_size`` sequences of ``max_seq_len`` slots.
 
-        dtype and device default to the embedding weight's. Replaces any previous cache.
+        dtype and device default to the embedding weight's. A cache of the same shape, dtype
+        and device is zeroed and kept (no reallocation, and a compiled decode step sees the
+        same buffers); any other replaces it.
         """
         weight = self.embed_tokens.weight
         dtype = dtype or weight.dtype
-        device = device or weight.device
+        device = torch.device(device or weight.device)
         c = self.config
+        shape = (batch_size, c.num_key_value_heads, max_seq_len, c.head_dim)
+        caches = [layer.self_attn.kv_cache for layer in self.layers]
+        if caches and all(
+            x is not None
+            and x.k.shape == shape
+            and x.k.dtype == dtype
+            and x.k.device.type == device.type
+            and device.index in (None, x.k.device.index)
+            for x in caches
+        ):
+            for x in caches:
+                x.k.zero_()
+                x.v.zero_()
+            return
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(
                 batch_size, max_seq_len, c.num_key_value_heads, c.head_dim, dtype, device
@@ -250,8 +276,10 @@ class LlamaDecoder(nn.Module):
         mask = mask[:, None]
         cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
         x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask)
+        for i, layer in enumerate(self.layers):
+            # Only the last token's output is needed from the last layer (its keys and values
+            # are cached for all tokens): skip the other queries' attention and MLP there.
+            x = layer(x, cos, sin, input_pos, mask, last_only and i == len(self.layers) - 1)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

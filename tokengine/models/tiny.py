@@ -64,9 +64,9 @@ def tiny_config(vocab_size: int) -> VLMConfig:
     """The shapes of tokengine-tiny (about 0.6M parameters besides the fusion reducer)."""
     vision = VisionConfig(
         hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
         hidden_act="gelu",
