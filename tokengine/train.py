@@ -155,6 +155,15 @@ def patch_targets(sample) -> dict[str, np.ndarray]:
     return out
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor) -> float:
+    """Backward, clip the gradient norm to 1 and step; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
 @torch.no_grad()
 def patch_accuracy(vlm: VLM, heads: DenseHeads, samples) -> dict[str, float]:
     """Per-head accuracy on the object patches of held-out scenes (centre: on centre patches)."""
@@ -216,13 +225,8 @@ def train_vision(vlm: VLM, args, log) -> dict:
         losses["object_shape"] = F.cross_entropy(
             heads.object_logits(feats, segments, len(shapes)), shapes
         )
-        loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        hist.append(optimizer_step(opt, params, sum(losses.values())))
         step += 1
-        hist.append(loss.item())
         bar.update()
         bar.set_postfix(loss=f"{np.mean(hist[-20:]):.3f}")
         if args.val_every and step % 100 == 0:
@@ -478,12 +482,8 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         if reducer != "pool-avg":
             loss = loss + args.probe_weight * F.cross_entropy(probed, targets[:, 0])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        hist.append(optimizer_step(opt, params, loss))
         step += 1
-        hist.append(loss.item())
         bar.update()
         bar.set_postfix(loss=f"{np.mean(hist[-50:]):.3f}", lr=f"{lr:.1e}")
         spent = time.perf_counter() - t_start
