@@ -76,6 +76,29 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _load_kv_tile(
+    k_base, v_base, rows, n_mask, offs_d, d_mask,
+    stride_kn, stride_kd, stride_vn, stride_vd, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Key and value rows ``rows`` of one segment, (BLOCK_N, BLOCK_D), zero where masked."""
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(
+        k_base + rows[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        v_base + rows[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _attend_segment(
     q,
     m_i,
@@ -100,20 +123,10 @@ def _attend_segment(
     for start_n in range(0, n_keys, BLOCK_N):
         rows = start_n + offs_n
         n_mask = rows < n_keys
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_base + rows[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + rows[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_tile(
+            k_base, v_base, rows, n_mask, offs_d, d_mask,
+            stride_kn, stride_kd, stride_vn, stride_vd, UPCAST,
+        )  # fmt: skip
         s = _dot(q, tl.trans(k), F32) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -522,20 +535,10 @@ def _dq_segment(
     for start_n in range(0, n_keys, BLOCK_N):
         rows = start_n + offs_n
         n_mask = rows < n_keys
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            k_base + rows[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + rows[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
-            mask=kv_mask,
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_tile(
+            k_base, v_base, rows, n_mask, offs_d, d_mask,
+            stride_kn, stride_kd, stride_vn, stride_vd, UPCAST,
+        )  # fmt: skip
         s = _dot(q, tl.trans(k), F32) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(n_mask[None, :], p, 0.0)
