@@ -28,6 +28,15 @@ from tokengine.models.tiny import (
 )
 
 
+def answer_test_questions(vlm: VLM, family: str, n: int, tokens: int, max_new_tokens: int):
+    """The Engine's fusion answers to the first ``n`` test-split questions of ``family``."""
+    samples = test_split(family, n, vlm.config.vision.image_size)
+    images, questions = [s.image for s in samples], [s.question for s in samples]
+    return Engine(vlm).generate(
+        images, questions, tokens=tokens, reducer="fusion", max_new_tokens=max_new_tokens
+    )
+
+
 def test_tokenizer_round_trips_every_answer():
     tok = build_tokenizer()
     assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>", "<unk>", "<image>")] == [
@@ -58,11 +67,7 @@ def test_random_tiny_builds_and_runs():
     vlm = random_tiny(0)
     assert vlm.reducer is not None and vlm.tokenizer is not None
     assert vlm.config.num_image_tokens == 576
-    samples = test_split("colour", 2, vlm.config.vision.image_size)
-    res = Engine(vlm).generate(
-        [s.image for s in samples], [s.question for s in samples], tokens=4, reducer="fusion",
-        max_new_tokens=2,
-    )  # fmt: skip
+    res = answer_test_questions(vlm, "colour", 2, tokens=4, max_new_tokens=2)
     assert len(res.texts) == 2
 
 
@@ -105,11 +110,7 @@ def test_train_cli_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path):
     card = (out / "MODEL_CARD.md").read_text()
     assert " ".join(argv) in card and "20 steps" in card
     vlm = VLM.from_pretrained(out)
-    samples = test_split("shape", 2, vlm.config.vision.image_size)
-    res = Engine(vlm).generate(
-        [s.image for s in samples], [s.question for s in samples], tokens=16, reducer="fusion",
-        max_new_tokens=3,
-    )  # fmt: skip
+    res = answer_test_questions(vlm, "shape", 2, tokens=16, max_new_tokens=3)
     assert len(res.texts) == 2 and all(isinstance(t, str) for t in res.texts)
 
 
@@ -120,9 +121,5 @@ def test_shipped_checkpoint_loads(name):
         pytest.skip(f"{name} is not shipped in this checkout")
     assert name in available_models()
     vlm = VLM.from_pretrained(path)
-    samples = test_split("colour", 4, vlm.config.vision.image_size)
-    res = Engine(vlm).generate(
-        [s.image for s in samples], [s.question for s in samples], tokens=576, reducer="fusion",
-        max_new_tokens=3,
-    )  # fmt: skip
+    res = answer_test_questions(vlm, "colour", 4, tokens=576, max_new_tokens=3)
     assert len(res.texts) == 4
