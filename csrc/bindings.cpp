@@ -130,4 +130,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qc_attention_fwd", &qc_attention_fwd, "question-conditioned attention forward");
   m.def("qc_attention_bwd", &qc_attention_bwd, "question-conditioned attention backward");
   m.def("with_cuda", &with_cuda, "whether the CUDA ops were compiled in");
+  m.def("cpu_isas", &tokengine::cpu::qc_kernel_isas,
+        "instruction sets of the CPU attention kernels this CPU runs, narrowest first");
+  m.def("cpu_isa", &tokengine::cpu::qc_kernel_isa,
+        "the instruction set the CPU attention kernels run with (TOKENGINE_CPU_ISA overrides)");
 }

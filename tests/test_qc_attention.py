@@ -111,6 +111,10 @@ def test_softmax_scale_and_non_contiguous(backend):
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("with_mass", [False, True])
 def test_gradients_match_float64_autograd(backend, with_mass):
+    check_gradients(backend, with_mass)
+
+
+def check_gradients(backend, with_mass):
     inputs = make(3, 5, 9, 4, 2, 12, [4, 0, 6], torch.float32, seed=5)
     leaves = [t.clone().requires_grad_() for t in inputs[:5]]
     leaves64 = [t.cpu().double().requires_grad_() for t in inputs[:5]]
@@ -128,6 +132,39 @@ def test_gradients_match_float64_autograd(backend, with_mass):
     ):
         tol = tolerance(torch.float32, 64, leaf64.grad.abs().max().item())
         assert_close(leaf.grad.cpu(), leaf64.grad, tol, f"{backend} grad {name} mass={with_mass}")
+
+
+def cpp_kernel_isas() -> list[str]:
+    """Instruction sets of the C++ attention kernels this CPU runs (none without tokengine._C)."""
+    try:
+        from tokengine import _C
+    except ImportError:
+        return []
+    return list(_C.cpu_isas())
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels run on CPU tensors")
+@pytest.mark.parametrize("isa", cpp_kernel_isas() or [pytest.param("none", marks=pytest.mark.skip)])
+def test_every_cpp_kernel_isa(isa, monkeypatch):
+    """Each build of the C++ kernels (portable, AVX2, AVX-512), not just the widest one."""
+    from tokengine import _C
+
+    monkeypatch.setenv("TOKENGINE_CPU_ISA", isa)
+    assert _C.cpu_isa() == isa
+    for D in (16, 40, 80, 128):
+        check("cpp", B=4, L=9, N=23, H=8, Hkv=2, D=D, lengths=[5, 0, 17, 1], dtype=torch.float32)
+    check("cpp", 3, 33, 70, 4, 1, 24, [2, 40, 0], torch.float16)
+    check("cpp", 1, 17, 5, 2, 2, 256, [3], torch.bfloat16)
+    check("cpp", 2, 4, 576, 2, 2, 8, [32, 31], torch.float32)
+    check_gradients("cpp", with_mass=True)
+
+
+@pytest.mark.skipif(not cpp_kernel_isas(), reason="tokengine._C is not built")
+def test_unknown_cpp_kernel_isa_is_an_error(monkeypatch):
+    monkeypatch.setenv("TOKENGINE_CPU_ISA", "sse9")
+    inputs = make(1, 2, 3, 1, 1, 4, [1], torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="TOKENGINE_CPU_ISA=sse9 .*expected one of generic"):
+        qc_cross_attention(*inputs, backend="cpp")
 
 
 def test_reference_gradcheck_float64():

@@ -5,8 +5,16 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace tokengine::cpu {
+
+// Instruction sets the attention kernels were built for and this CPU runs, narrowest first.
+std::vector<std::string> qc_kernel_isas();
+
+// The one they run with: the widest, or the one TOKENGINE_CPU_ISA names (generic, avx2,
+// avx512; an error if this CPU cannot run it). Read per call so that tests can cover each.
+std::string qc_kernel_isa();
 
 at::Tensor grid_pool_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& scores, int64_t H,
                          int64_t W, int64_t h, int64_t w, const std::string& mode);

@@ -7,36 +7,47 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <vector>
 
 namespace tokengine::cpu {
 namespace {
 
-// The AVX2+FMA kernels when the CPU has them; TOKENGINE_CPU_ISA=generic forces the portable
-// ones (so that tests can cover both on one machine).
-bool use_avx2() {
-#if defined(__x86_64__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* isa = std::getenv("TOKENGINE_CPU_ISA");
-  return has && !(isa && std::strcmp(isa, "generic") == 0);
-#else
-  return false;
-#endif
-}
-
 struct Kernels {
+  const char* isa;
   size_t (*fwd_workspace)(const QcProblem&, bool, int);
   void (*fwd)(const QcProblem&, const QcFwdOut&, float*, int);
   size_t (*bwd_workspace)(const QcProblem&);
   void (*bwd)(const QcProblem&, const QcBwdIO&, float*, int);
 };
 
-Kernels kernels() {
-  if (use_avx2()) {
+#define TE_KERNELS(ns) Kernels{#ns, ns::fwd_workspace, ns::fwd, ns::bwd_workspace, ns::bwd}
+
+// The kernel builds this CPU can run, narrowest first.
+std::vector<Kernels> runnable() {
+  std::vector<Kernels> ks{TE_KERNELS(generic)};
 #if defined(__x86_64__)
-    return {avx2::fwd_workspace, avx2::fwd, avx2::bwd_workspace, avx2::bwd};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    ks.push_back(TE_KERNELS(avx2));
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+    ks.push_back(TE_KERNELS(avx512));
 #endif
+  return ks;
+}
+#undef TE_KERNELS
+
+// The widest build, or the one TOKENGINE_CPU_ISA names (read per call, so tests can switch).
+Kernels kernels() {
+  static const std::vector<Kernels> ks = runnable();
+  const char* want = std::getenv("TOKENGINE_CPU_ISA");
+  if (!want || !*want) return ks.back();
+  std::string names;
+  for (const Kernels& k : ks) {
+    if (std::strcmp(k.isa, want) == 0) return k;
+    names += std::string(names.empty() ? "" : ", ") + k.isa;
   }
-  return {generic::fwd_workspace, generic::fwd, generic::bwd_workspace, generic::bwd};
+  TORCH_CHECK(false, "TOKENGINE_CPU_ISA=", want, " is not one this CPU runs; expected one of ",
+              names);
 }
 
 at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -63,6 +74,15 @@ QcProblem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k_
 }
 
 }  // namespace
+
+std::vector<std::string> qc_kernel_isas() {
+  static const std::vector<Kernels> ks = runnable();
+  std::vector<std::string> names;
+  for (const Kernels& k : ks) names.emplace_back(k.isa);
+  return names;
+}
+
+std::string qc_kernel_isa() { return kernels().isa; }
 
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> qc_attention_fwd(
     const at::Tensor& q, const at::Tensor& k_img, const at::Tensor& v_img, const at::Tensor& k_txt,

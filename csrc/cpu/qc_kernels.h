@@ -1,6 +1,6 @@
 // Raw-pointer interface of the float32 attention kernels. The same kernel source
-// (qc_kernels_impl.h) is compiled once portably (namespace generic) and once for AVX2+FMA
-// (namespace avx2, x86-64 only); qc_attention.cpp picks one at run time.
+// (qc_kernels_impl.h) is compiled once portably (namespace generic) and, on x86-64, for AVX2+FMA
+// (namespace avx2) and AVX-512 (namespace avx512); qc_attention.cpp picks one at run time.
 #pragma once
 
 #include <cstddef>
@@ -40,6 +40,7 @@ constexpr int64_t kQcBlockM = 32;  // query rows per block (mass_parts uses it)
 TE_DECLARE_QC_KERNELS(generic)
 #if defined(__x86_64__)
 TE_DECLARE_QC_KERNELS(avx2)
+TE_DECLARE_QC_KERNELS(avx512)
 #endif
 #undef TE_DECLARE_QC_KERNELS
 

@@ -10,6 +10,7 @@
 #pragma GCC target("avx2,fma")
 #define TE_ISA avx2
 #define TE_MR 6  // 12 accumulators of the 16 ymm registers
+#define TE_NR 16
 #define TE_VEC_BYTES 32
 #include "cpu/qc_kernels_impl.h"
 #pragma GCC pop_options

@@ -1,6 +1,6 @@
 // Fused question-conditioned attention on float32 data, FlashAttention-2 style on CPU.
-// Textually included by qc_kernels_<isa>.cpp with TE_ISA naming the namespace, TE_MR the
-// micro-kernel height and TE_VEC_BYTES its vector width. It uses no templates or inline
+// Textually included by qc_kernels_<isa>.cpp with TE_ISA naming the namespace, TE_MR x TE_NR
+// the micro-kernel tile (rows x floats) and TE_VEC_BYTES its vector width. It uses no templates or inline
 // functions from other headers, so nothing compiled for one instruction set can be merged by the
 // linker into the other copy.
 //
@@ -17,9 +17,9 @@
 namespace tokengine::cpu::TE_ISA {
 namespace {
 
-constexpr int64_t BM = kQcBlockM;     // queries per block (two micro-kernel widths)
+constexpr int64_t BM = kQcBlockM;     // queries per block (a multiple of every ISA's NR)
 constexpr int64_t BN = 64;            // keys per tile
-constexpr int MR = TE_MR, NR = 16;    // micro-kernel tile: MR rows x NR floats
+constexpr int MR = TE_MR, NR = TE_NR;  // micro-kernel tile: MR rows x NR floats
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 constexpr float kInf = __builtin_inff();
 
@@ -29,6 +29,7 @@ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 // Explicit vectors keep the micro-kernel accumulators in registers: TE_VEC_BYTES wide (the
 // widest the ISA has natively; wider GCC vectors would be lowered element by element).
 constexpr int kLanes = TE_VEC_BYTES / 4, NV = NR / kLanes;
+static_assert(BM % NR == 0 && NR % kLanes == 0, "a block must be whole micro-kernel tiles");
 typedef float vf __attribute__((vector_size(TE_VEC_BYTES)));
 typedef float vfu __attribute__((vector_size(TE_VEC_BYTES), aligned(4), may_alias));
 

@@ -52,9 +52,10 @@ struct Grid {
 };
 
 // Float32 row kernels. Pooling runs at memory speed only with wide vectors, so on x86-64 they
-// are also compiled for AVX2 and picked at load time (target_clones); the build stays generic.
+// are also compiled for AVX2 and AVX-512 and picked at load time (target_clones); the build
+// stays generic.
 #if defined(__x86_64__) && defined(__GNUC__)
-#define TE_ROW_KERNEL __attribute__((target_clones("avx2", "default")))
+#define TE_ROW_KERNEL __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TE_ROW_KERNEL
 #endif
