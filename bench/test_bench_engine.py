@@ -81,8 +81,8 @@ def test_generate_tokengine_engine(benchmark, tiny_llava):
 
 
 def test_generate_tokengine_engine_compiled(benchmark, tiny_llava):
-    """The same with ``Engine(compile=True)``: the decode step as one torch.compile graph
-    (compiled in the warm-up call below, which the timing excludes)."""
+    """The same with ``Engine(compile=True)``: vision, prefill and decode step as torch.compile
+    graphs (compiled in the warm-up call below, which the timing excludes)."""
     _, ours, image = tiny_llava
     engine = Engine(ours, compile=True)
     benchmark.group = f"generate tiny LLaVA, batch 1, {NEW_TOKENS} new tokens"

@@ -220,8 +220,9 @@ def test_fusion_reducer_round_trips_through_save_pretrained(vlm, tmp_path):
 
 
 def test_compiled_decode_gives_the_same_answers(vlm):
-    """``compile=True`` (torch.compile'd decode step, bucketed cache) changes speed only; the
-    second call reuses the graph and the zeroed cache of the first."""
+    """``compile=True`` (torch.compile'd vision, prefill and decode step; bucketed prompt and
+    cache lengths) changes speed only; the second call reuses the graphs and the zeroed cache of
+    the first."""
     pytest.importorskip("torch._inductor")
     imgs = images(3, seed=2)
     eager = Engine(vlm).generate(imgs, QUESTIONS[:3], tokens=16, reducer="fusion",
