@@ -93,7 +93,15 @@ def vlm() -> VLM:
     )
     model = VLM(config)
     model.reducer = FusionReducer(
-        FusionConfig(vision_dim=32, text_dim=64, num_queries=576, num_layers=1, num_heads=4)
+        FusionConfig(
+            vision_dim=32,
+            text_dim=64,
+            num_queries=576,
+            num_layers=1,
+            num_heads=4,
+            question_positions=8,
+            image_positions=576,
+        )  # fmt: skip
     )
     with torch.no_grad():  # fan-in scaled weights so greedy answers vary with the input
         for name, p in model.named_parameters():
@@ -160,6 +168,33 @@ def test_fusion_uses_the_first_tokens_queries(vlm):
         fusion.queries[15] += 1.0  # the N_l-th query must
         assert not torch.allclose(fusion(image, 16, question, cu), before)
         fusion.queries.copy_(saved)
+
+
+@pytest.mark.parametrize("positions", [0, 4])
+def test_question_positions_make_word_order_matter(positions):
+    """Without question positions the queries see the question as a bag of words; with them
+    (shared past the last one), swapping two words changes the output, also past it."""
+    torch.manual_seed(0)
+    cfg = FusionConfig(vision_dim=16, text_dim=8, num_queries=4, num_layers=1, num_heads=2,
+                       question_positions=positions)  # fmt: skip
+    fusion = FusionReducer(cfg).eval()
+    if positions:
+        with torch.no_grad():
+            fusion.question_pos.normal_()
+    image, question = torch.randn(2, 9, 16), torch.randn(11, 8)
+    cu = torch.tensor([0, 5, 11], dtype=torch.int32)
+    swapped = question[[0, 1, 2, 3, 4, 5, 6, 8, 7, 9, 10]]  # sample 1, its words 2 and 3
+    late = question[[0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 9]]  # sample 1, words 4 and 5 (both >= 4)
+    with torch.no_grad():
+        out, out_swapped, out_late = (fusion(image, 4, q, cu) for q in (question, swapped, late))
+    assert torch.equal(out[0], out_swapped[0])  # sample 0 untouched
+    assert torch.allclose(out[1], out_late[1], atol=1e-6)  # positions past the last are shared
+    assert torch.allclose(out[1], out_swapped[1], atol=1e-6) == (positions == 0)
+
+
+def test_image_positions_need_their_token_count(vlm):
+    with pytest.raises(ValueError, match="image must have 576 tokens"):
+        vlm.reducer(torch.randn(1, 144, 32), 4)
 
 
 @pytest.mark.parametrize("reducer,tokens", [("fusion", 64), ("pool-question", 16), ("none", None)])

@@ -33,6 +33,12 @@ class FusionConfig:
     num_heads: int = 8
     num_kv_heads: int | None = None
     mlp_ratio: float = 4.0
+    # Learned position embeddings, zero-initialised (0: none). The question's tokens arrive as
+    # context-free word embeddings, so without them "is the red circle left of the blue
+    # square?" and "is the blue circle left of the red square?" look the same to the queries;
+    # image positions tell the queries where a token is without relying on the ViT keeping it.
+    question_positions: int = 0  # positions 0..n-1 of each question (later ones share n-1)
+    image_positions: int = 0  # one per image token; must then equal the image's N
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +56,13 @@ def _pad_packed(
     out = packed.new_zeros(batch, t_max, packed.shape[-1])
     out[valid] = packed
     return out, ~valid
+
+
+def _positions_in_segments(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) each packed row's index within its segment (cu_seqlens (B+1,) int32)."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    segment = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
+    return rows - cu_seqlens.long()[segment]
 
 
 class _FusionBlock(nn.Module):
@@ -91,6 +104,16 @@ class FusionReducer(nn.Module):
         self.config = cfg
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.vision_dim) * 0.02)
         self.text_in = nn.Linear(cfg.text_dim, cfg.vision_dim)
+        self.question_pos = (
+            nn.Parameter(torch.zeros(cfg.question_positions, cfg.vision_dim))
+            if cfg.question_positions
+            else None
+        )
+        self.image_pos = (
+            nn.Parameter(torch.zeros(cfg.image_positions, cfg.vision_dim))
+            if cfg.image_positions
+            else None
+        )
         self.blocks = nn.ModuleList(_FusionBlock(cfg) for _ in range(cfg.num_layers))
         self.norm_out = nn.LayerNorm(cfg.vision_dim)
 
@@ -107,8 +130,18 @@ class FusionReducer(nn.Module):
                 f"tokens must be in 1..{self.config.num_queries} (the fusion reducer's "
                 f"learned queries), got {tokens}"
             )
+        if self.image_pos is not None:
+            if image.shape[1] != self.image_pos.shape[0]:
+                raise ValueError(
+                    f"image must have {self.image_pos.shape[0]} tokens (the fusion reducer's "
+                    f"image positions), got {image.shape[1]}"
+                )
+            image = image + self.image_pos
         x = self.queries[:tokens].unsqueeze(0).expand(image.shape[0], -1, -1)
         text = None if question is None else self.text_in(question)
+        if text is not None and self.question_pos is not None:
+            at = _positions_in_segments(cu_seqlens, text.shape[0])
+            text = text + self.question_pos[at.clamp(max=self.question_pos.shape[0] - 1)]
         for block in self.blocks:
             x = block(x, image, text, cu_seqlens)
         return self.norm_out(x)

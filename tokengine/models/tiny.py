@@ -97,7 +97,14 @@ def tiny_config(vocab_size: int) -> VLMConfig:
 def tiny_fusion_config() -> FusionConfig:
     """The fusion reducer of tokengine-tiny: 576 nested queries over 64-wide image tokens."""
     return FusionConfig(
-        vision_dim=64, text_dim=128, num_queries=576, num_layers=2, num_heads=2, mlp_ratio=2.0
+        vision_dim=64,
+        text_dim=128,
+        num_queries=576,
+        num_layers=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        question_positions=20,
+        image_positions=576,  # the 24x24 grid
     )
 
 
