@@ -102,6 +102,32 @@ def test_qc_cross_attention(benchmark, backend, with_mass, shape):
     )
 
 
+def cpp_isas() -> list[str]:
+    try:
+        from tokengine import _C
+    except ImportError:
+        return []
+    return list(_C.cpu_isas())
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels' builds per CPU ISA")
+@pytest.mark.parametrize("isa", cpp_isas() or [pytest.param("none", marks=pytest.mark.skip)])
+@pytest.mark.parametrize("with_mass", [False, True], ids=["out", "out+mass"])
+def test_qc_cross_attention_cpp_isa(benchmark, monkeypatch, isa, with_mass):
+    """Each instruction-set build of the C++ kernels at the issue's CPU shape."""
+    shape = ATTN_SHAPES[0]
+    benchmark.group = f"qc_attention cpp per ISA {'out+mass' if with_mass else 'out'} " + (
+        f"{shape_id(shape)} {DTYPE}"
+    )
+    monkeypatch.setenv("TOKENGINE_CPU_ISA", isa)
+    inputs = attn_inputs(*shape)
+    run(
+        benchmark,
+        lambda: qc_cross_attention(*inputs, return_attn_mass=with_mass, backend="cpp"),
+        attn_bytes(inputs, with_mass),
+    )
+
+
 def concatenated_kv(inputs):
     """Baseline layout: torch.cat of each sample's image and question KV, heads first."""
     q, k_img, v_img, k_txt, v_txt, _ = inputs

@@ -90,3 +90,21 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert scores(two) == scores(single)
     assert predictions(tmp_path / "two") == predictions(tmp_path / "one")
     assert all(r["n"] == 4 for p in two for r in p["tasks"].values())
+
+
+def test_power_law_verdict_needs_three_points():
+    """Two points above chance fit exactly (R² = 1), so the verdict falls back to all points."""
+    from tokengine.scaling import fit_power_law
+
+    tokens, scores_ = [1, 4, 16, 64], [30.0, 12.0, 10.0, 11.0]  # chance 10: two points above
+    entry = {
+        "all": fit_power_law(tokens, scores_, n_boot=20).to_dict(),
+        "above_chance": fit_power_law(tokens[:2], scores_[:2], n_boot=20).to_dict(),
+    }
+    assert entry["above_chance"]["r2"] == 1.0
+    assert sweep.verdict(entry).startswith("does not hold") and "4 points" in sweep.verdict(entry)
+    power = [100 * n**-0.3 for n in tokens]  # an exact power law over all four points
+    exact = fit_power_law(tokens, power, n_boot=20).to_dict()
+    assert sweep.verdict({"all": exact, "above_chance": exact}).startswith("holds")
+    two = {"all": entry["above_chance"], "above_chance": entry["above_chance"]}
+    assert sweep.verdict(two) == "cannot be judged (only 2 points)"

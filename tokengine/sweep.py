@@ -33,6 +33,22 @@ from tokengine.scaling import fit_power_law
 
 POINTS_FILE = "points.jsonl"
 R2_HOLDS = 0.9  # R^2 of the log-log line from which we say the power law holds
+VERDICT_POINTS = 3  # fewest points a verdict rests on: a line through two has R^2 = 1
+
+
+def verdict(entry: dict) -> str:
+    """Whether the power law holds for one fit_all entry: judged on the points above chance
+    when at least VERDICT_POINTS are, else on all points."""
+    above = entry["above_chance"]
+    fit = above if above.get("n_points", 0) >= VERDICT_POINTS else entry["all"]
+    if "gamma" not in fit:
+        return f"cannot be fitted ({fit['error']})"
+    if fit["n_points"] < VERDICT_POINTS:
+        return f"cannot be judged (only {fit['n_points']} points)"
+    if fit["r2"] is None:
+        return "flat: the same score at every N_l, nothing to fit"
+    holds = "holds" if fit["r2"] >= R2_HOLDS else "does not hold"
+    return f"{holds} (R² {fit['r2']:.2f}, γ {fit['gamma']:.3f}, {fit['n_points']} points)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -274,19 +290,11 @@ def write_report(out: Path, points: list[dict], fits: list[dict]) -> None:
         "## Where the power law holds",
         "",
         f"A fit counts as holding when R² >= {R2_HOLDS} (fit on the points above chance "
-        "where there are at least two, else on all points).",
+        f"where there are at least {VERDICT_POINTS}, else on all points; a line through two "
+        "points has R² = 1 whatever they are).",
         "",
     ]
-    for f in fits:
-        fit = f["above_chance"] if "gamma" in f["above_chance"] else f["all"]
-        if "gamma" not in fit:
-            verdict = f"cannot be fitted ({fit['error']})"
-        elif fit["r2"] is None:
-            verdict = "flat: the same score at every N_l, nothing to fit"
-        else:
-            verdict = "holds" if fit["r2"] >= R2_HOLDS else "does not hold"
-            verdict += f" (R² {fit['r2']:.2f}, γ {fit['gamma']:.3f})"
-        lines.append(f"- {f['task']}, {f['reducer']}: {verdict}")
+    lines += [f"- {f['task']}, {f['reducer']}: {verdict(f)}" for f in fits]
     if {"fusion", "fusion-noq"} <= set(reducers):
         lines += [
             "",

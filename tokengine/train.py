@@ -26,20 +26,20 @@ test split); ``--eval-test`` then scores the saved model on the fixed test split
 Engine. State is saved every ``--save-every`` steps; ``--resume`` continues from it.
 
 The shipped checkpoints were made with these commands on this repository's 2-core CPU (torch
-2.13, nothing else running): first stages a + b (shared by both variants: 12 min of dense
-vision training, then 40,000 cached grids; stage c here is a token 3 s)::
+2.13, nothing else running): first stages a + b (shared by both variants: 20 min of dense
+vision training, then 40,000 cached grids, 23.8 min in all; stage c here is a token 3 s)::
 
     python -m tokengine.train --variant fusion --output runs/stage-ab \\
-        --cache runs/tiny-cache --vision-minutes 12 --cache-samples 40000 --minutes 0.05 \\
+        --cache runs/tiny-cache --vision-minutes 20 --cache-samples 40000 --minutes 0.05 \\
         --val-every 1 --seed 0
 
-then both variants at once, one thread each (35 min of stage c, then the test split)::
+then both variants at once, one thread each (28 min of stage c, then the test split, 30 min)::
 
     python -m tokengine.train --variant fusion --output tokengine/assets/tokengine-tiny \\
-        --cache runs/tiny-cache --tokens 1,1,4,4,16,16,64,64,144,256,576 --minutes 35 \\
+        --cache runs/tiny-cache --tokens 1,1,4,4,16,16,64,64,144,256,576 --minutes 28 \\
         --val-every 5 --threads 1 --seed 0 --eval-test
     python -m tokengine.train --variant fusion-noq --output tokengine/assets/tokengine-tiny-noq \\
-        --cache runs/tiny-cache --tokens 1,1,4,4,16,16,64,64,144,256,576 --minutes 35 \\
+        --cache runs/tiny-cache --tokens 1,1,4,4,16,16,64,64,144,256,576 --minutes 28 \\
         --val-every 5 --threads 1 --seed 0 --eval-test
 
 Each writes MODEL_CARD.md with its command, times and validation and test-split scores.
