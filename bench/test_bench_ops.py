@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE, backend_params, run
 
+from tokengine import backends
 from tokengine.ops import qc_cross_attention, token_pool
 
 DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
@@ -102,16 +103,10 @@ def test_qc_cross_attention(benchmark, backend, with_mass, shape):
     )
 
 
-def cpp_isas() -> list[str]:
-    try:
-        from tokengine import _C
-    except ImportError:
-        return []
-    return list(_C.cpu_isas())
-
-
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels' builds per CPU ISA")
-@pytest.mark.parametrize("isa", cpp_isas() or [pytest.param("none", marks=pytest.mark.skip)])
+@pytest.mark.parametrize(
+    "isa", backends.cpp_kernel_isas() or [pytest.param("none", marks=pytest.mark.skip)]
+)
 @pytest.mark.parametrize("with_mass", [False, True], ids=["out", "out+mass"])
 def test_qc_cross_attention_cpp_isa(benchmark, monkeypatch, isa, with_mass):
     """Each instruction-set build of the C++ kernels at the issue's CPU shape."""

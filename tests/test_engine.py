@@ -101,7 +101,7 @@ def vlm() -> VLM:
             num_heads=4,
             question_positions=8,
             image_positions=576,
-        )  # fmt: skip
+        )
     )
     with torch.no_grad():  # fan-in scaled weights so greedy answers vary with the input
         for name, p in model.named_parameters():

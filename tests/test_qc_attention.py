@@ -7,6 +7,7 @@ import torch
 import truth
 from conftest import DEVICE, DTYPES, assert_close, backend_params, skip_unsupported, tolerance
 
+from tokengine import backends
 from tokengine.ops import qc_cross_attention
 
 
@@ -134,17 +135,10 @@ def check_gradients(backend, with_mass):
         assert_close(leaf.grad.cpu(), leaf64.grad, tol, f"{backend} grad {name} mass={with_mass}")
 
 
-def cpp_kernel_isas() -> list[str]:
-    """Instruction sets of the C++ attention kernels this CPU runs (none without tokengine._C)."""
-    try:
-        from tokengine import _C
-    except ImportError:
-        return []
-    return list(_C.cpu_isas())
-
-
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels run on CPU tensors")
-@pytest.mark.parametrize("isa", cpp_kernel_isas() or [pytest.param("none", marks=pytest.mark.skip)])
+@pytest.mark.parametrize(
+    "isa", backends.cpp_kernel_isas() or [pytest.param("none", marks=pytest.mark.skip)]
+)
 def test_every_cpp_kernel_isa(isa, monkeypatch):
     """Each build of the C++ kernels (portable, AVX2, AVX-512), not just the widest one."""
     from tokengine import _C
@@ -159,7 +153,7 @@ def test_every_cpp_kernel_isa(isa, monkeypatch):
     check_gradients("cpp", with_mass=True)
 
 
-@pytest.mark.skipif(not cpp_kernel_isas(), reason="tokengine._C is not built")
+@pytest.mark.skipif(not backends.cpp_kernel_isas(), reason="tokengine._C is not built")
 def test_unknown_cpp_kernel_isa_is_an_error(monkeypatch):
     monkeypatch.setenv("TOKENGINE_CPU_ISA", "sse9")
     inputs = make(1, 2, 3, 1, 1, 4, [1], torch.float32, seed=0)

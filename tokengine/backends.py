@@ -48,6 +48,13 @@ def _compiled() -> ModuleType | str:
     return mod
 
 
+def cpp_kernel_isas() -> list[str]:
+    """Instruction sets of the C++ attention kernels this CPU runs, narrowest first (empty
+    without ``tokengine._C``); ``TOKENGINE_CPU_ISA`` picks one, the widest by default."""
+    mod = _compiled()
+    return [] if isinstance(mod, str) else list(mod.cpu_isas())
+
+
 def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -25,11 +25,11 @@ def report() -> tuple[str, dict[str, dict[str, str | None]]]:
         f"  triton {getattr(triton, '__version__', 'not installed')}",
         f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}",
     ]
-    compiled = backends._import("tokengine._C")
-    if hasattr(compiled, "cpu_isas"):
+    isas = backends.cpp_kernel_isas()
+    if isas:
         lines.append(
-            f"cpp attention kernels: {compiled.cpu_isa()} (this CPU runs "
-            f"{', '.join(compiled.cpu_isas())}; TOKENGINE_CPU_ISA picks one)"
+            f"cpp attention kernels: {backends._compiled().cpu_isa()} (this CPU runs "
+            f"{', '.join(isas)}; TOKENGINE_CPU_ISA picks one)"
         )
     for device, status in table.items():
         default = backends.select(None, torch.device(device), torch.float32)

@@ -23,22 +23,25 @@ struct Kernels {
 
 #define TE_KERNELS(ns) Kernels{#ns, ns::fwd_workspace, ns::fwd, ns::bwd_workspace, ns::bwd}
 
-// The kernel builds this CPU can run, narrowest first.
-std::vector<Kernels> runnable() {
-  std::vector<Kernels> ks{TE_KERNELS(generic)};
+// The kernel builds this CPU can run, narrowest first (probed once).
+const std::vector<Kernels>& runnable() {
+  static const std::vector<Kernels> ks = [] {
+    std::vector<Kernels> v{TE_KERNELS(generic)};
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    ks.push_back(TE_KERNELS(avx2));
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
-    ks.push_back(TE_KERNELS(avx512));
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      v.push_back(TE_KERNELS(avx2));
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+      v.push_back(TE_KERNELS(avx512));
 #endif
+    return v;
+  }();
   return ks;
 }
 #undef TE_KERNELS
 
 // The widest build, or the one TOKENGINE_CPU_ISA names (read per call, so tests can switch).
 Kernels kernels() {
-  static const std::vector<Kernels> ks = runnable();
+  const std::vector<Kernels>& ks = runnable();
   const char* want = std::getenv("TOKENGINE_CPU_ISA");
   if (!want || !*want) return ks.back();
   std::string names;
@@ -76,9 +79,8 @@ QcProblem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k_
 }  // namespace
 
 std::vector<std::string> qc_kernel_isas() {
-  static const std::vector<Kernels> ks = runnable();
   std::vector<std::string> names;
-  for (const Kernels& k : ks) names.emplace_back(k.isa);
+  for (const Kernels& k : runnable()) names.emplace_back(k.isa);
   return names;
 }
 

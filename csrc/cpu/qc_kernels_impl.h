@@ -1,8 +1,8 @@
 // Fused question-conditioned attention on float32 data, FlashAttention-2 style on CPU.
 // Textually included by qc_kernels_<isa>.cpp with TE_ISA naming the namespace, TE_MR x TE_NR
-// the micro-kernel tile (rows x floats) and TE_VEC_BYTES its vector width. It uses no templates or inline
-// functions from other headers, so nothing compiled for one instruction set can be merged by the
-// linker into the other copy.
+// the micro-kernel tile (rows x floats) and TE_VEC_BYTES its vector width. It uses no templates
+// or inline functions from other headers, so nothing compiled for one instruction set can be
+// merged by the linker into another copy.
 //
 // Layout: every per-query quantity is stored transposed with the BM queries of a block
 // contiguous: scores S^T[key][query], the output accumulator O^T[d][query], Q^T[d][query]. So
