@@ -77,7 +77,7 @@ from tokengine.data.synthetic import (
 from tokengine.engine import LLAVA_TEMPLATE
 from tokengine.models import VLM
 from tokengine.models.preprocess import preprocess_images
-from tokengine.models.reducer import reduce_tokens
+from tokengine.models.reducer import packed_segment_ids, reduce_tokens
 from tokengine.models.tiny import EOS_ID, IMAGE_ID, IMAGE_SIZE, PAD_ID, random_tiny
 
 TOKENS = (1, 4, 16, 64, 144, 256, 576)
@@ -116,9 +116,13 @@ class DenseHeads(nn.Module):
         ``segments`` (B, N) holds a segment index per patch, -1 for none."""
         flat, seg = x.flatten(0, 1), segments.flatten()
         keep = seg >= 0
-        sums = x.new_zeros(count, x.shape[-1]).index_add_(0, seg[keep], flat[keep])
-        n = torch.bincount(seg[keep], minlength=count).clamp_min(1)
-        return self.object_shape(self.object_norm(sums / n[:, None]))
+        return self.object_shape(self.object_norm(segment_mean(flat[keep], seg[keep], count)))
+
+
+def segment_mean(rows: torch.Tensor, segment: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, D): the mean of the rows (R, D) with each segment index (R,); zero if none."""
+    sums = rows.new_zeros(count, rows.shape[-1]).index_add_(0, segment, rows)
+    return sums / torch.bincount(segment, minlength=count).clamp_min(1)[:, None]
 
 
 def object_targets(samples) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,10 +331,7 @@ class AnswerProbe(nn.Module):
 
     def forward(self, reduced: torch.Tensor, question: torch.Tensor, cu: torch.Tensor):
         """reduced (B, N_l, Dv), question (T, Dt) packed by cu (B+1,) -> logits (B, V)."""
-        lengths = (cu[1:] - cu[:-1]).long()
-        sample = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        q = question.new_zeros(len(lengths), question.shape[-1]).index_add_(0, sample, question)
-        q = q / lengths.clamp_min(1)[:, None]
+        q = segment_mean(question, packed_segment_ids(cu), len(cu) - 1)
         return self.out(self.norm(reduced.mean(1) + self.question(q)))
 
 

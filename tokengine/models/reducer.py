@@ -58,10 +58,16 @@ def _pad_packed(
     return out, ~valid
 
 
-def _positions_in_segments(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(T,) each packed row's index within its segment (cu_seqlens (B+1,) int32)."""
-    rows = torch.arange(total, device=cu_seqlens.device)
-    segment = torch.searchsorted(cu_seqlens[1:].long(), rows, right=True)
+def packed_segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(T,) the sample each packed row belongs to, for cu_seqlens (B+1,) int32."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+
+
+def _positions_in_segments(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(T,) each packed row's index within its segment."""
+    segment = packed_segment_ids(cu_seqlens)
+    rows = torch.arange(len(segment), device=cu_seqlens.device)
     return rows - cu_seqlens.long()[segment]
 
 
@@ -140,7 +146,7 @@ class FusionReducer(nn.Module):
         x = self.queries[:tokens].unsqueeze(0).expand(image.shape[0], -1, -1)
         text = None if question is None else self.text_in(question)
         if text is not None and self.question_pos is not None:
-            at = _positions_in_segments(cu_seqlens, text.shape[0])
+            at = _positions_in_segments(cu_seqlens)
             text = text + self.question_pos[at.clamp(max=self.question_pos.shape[0] - 1)]
         for block in self.blocks:
             x = block(x, image, text, cu_seqlens)
