@@ -14,7 +14,7 @@ from tokenizers.processors import TemplateProcessing
 
 from tokengine.engine import Engine
 from tokengine.models import VLM, LMConfig, VisionConfig, VLMConfig
-from tokengine.models.reducer import FusionConfig, FusionReducer
+from tokengine.models.reducer import FusionConfig, FusionReducer, sincos_positions
 
 WORDS = [
     "USER",
@@ -190,6 +190,39 @@ def test_question_positions_make_word_order_matter(positions):
     assert torch.equal(out[0], out_swapped[0])  # sample 0 untouched
     assert torch.allclose(out[1], out_late[1], atol=1e-6)  # positions past the last are shared
     assert torch.allclose(out[1], out_swapped[1], atol=1e-6) == (positions == 0)
+
+
+def test_sincos_positions_code_grid_rows_and_columns():
+    pos = sincos_positions(36, 8)  # a 6x6 grid: channels 0-3 the row, 4-7 the column
+    assert pos.shape == (36, 8) and pos.abs().max() <= 1
+    row, col = torch.arange(36) // 6, torch.arange(36) % 6
+    for i in range(36):
+        assert torch.equal(pos[row == row[i], :4], pos[i, :4].expand(6, 4))
+        assert torch.equal(pos[col == col[i], 4:], pos[i, 4:].expand(6, 4))
+    distances = torch.cdist(pos, pos) + torch.eye(36)
+    assert distances.min() > 0.1  # every position has its own code
+    line = sincos_positions(7, 6)  # not a square: 1-D
+    assert line.shape == (7, 6) and (torch.cdist(line, line) + torch.eye(7)).min() > 0.1
+    with pytest.raises(ValueError, match="dim must be a multiple of 4"):
+        sincos_positions(36, 6)
+
+
+@pytest.mark.parametrize("positions", [0, 9])
+def test_image_positions_tell_the_queries_where_tokens_are(positions):
+    """Without image positions the reducer cannot see where a token is (shuffling the image
+    tokens changes nothing); with them it can, from initialisation on, and they weigh the same
+    whatever the scale of the image tokens (a ViT's residual stream can be large)."""
+    torch.manual_seed(0)
+    cfg = FusionConfig(vision_dim=16, text_dim=8, num_queries=4, num_layers=1, num_heads=2,
+                       image_positions=positions)  # fmt: skip
+    fusion = FusionReducer(cfg).eval()
+    image = torch.randn(1, 9, 16) * 50  # a residual stream far larger than the codes
+    shuffled = image[:, torch.randperm(9)]
+    with torch.no_grad():
+        out, out_shuffled, out_small = (fusion(x, 4) for x in (image, shuffled, image / 50))
+    moved = (out - out_shuffled).abs().max()
+    assert (moved < 1e-5) if positions == 0 else (moved > 1e-2)
+    torch.testing.assert_close(out_small, out, atol=1e-4, rtol=0)
 
 
 def test_image_positions_need_their_token_count(vlm):

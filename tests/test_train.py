@@ -123,3 +123,13 @@ def test_shipped_checkpoint_loads(name):
     vlm = VLM.from_pretrained(path)
     res = answer_test_questions(vlm, "colour", 4, tokens=576, max_new_tokens=3)
     assert len(res.texts) == 4
+
+
+def test_clearly_lower_needs_more_than_sampling_noise():
+    from tokengine.train import clearly_lower
+
+    # 200 questions at 35.5%: one standard error is 3.4 points
+    assert not clearly_lower(0.32, 0.355, 200)
+    assert clearly_lower(0.25, 0.355, 200)
+    assert not clearly_lower(0.40, 0.355, 200)
+    assert not clearly_lower(0.05, 0.055, 200)

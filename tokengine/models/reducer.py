@@ -11,9 +11,11 @@ one softmax and, at initialisation, reach the queries with ~1% of the attention 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokengine.ops import QCCrossAttention, qc_cross_attention, token_pool
@@ -33,15 +35,41 @@ class FusionConfig:
     num_heads: int = 8
     num_kv_heads: int | None = None
     mlp_ratio: float = 4.0
-    # Learned position embeddings, zero-initialised (0: none). The question's tokens arrive as
-    # context-free word embeddings, so without them "is the red circle left of the blue
-    # square?" and "is the blue circle left of the red square?" look the same to the queries;
-    # image positions tell the queries where a token is without relying on the ViT keeping it.
+    # Learned position embeddings, initialised with sin/cos codes (0: none). The question's
+    # tokens arrive as context-free word embeddings, so without them "is the red circle left of
+    # the blue square?" and "is the blue circle left of the red square?" look the same to the
+    # queries; image positions tell the queries where a token is without relying on the ViT
+    # keeping it. Either kind is added to its tokens after a LayerNorm (see FusionReducer).
     question_positions: int = 0  # positions 0..n-1 of each question (later ones share n-1)
     image_positions: int = 0  # one per image token; must then equal the image's N
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def sincos_positions(count: int, dim: int) -> torch.Tensor:
+    """(count, dim) sin/cos position codes, each entry in [-1, 1].
+
+    A square ``count`` is read as a row-major grid: the first half of the channels code the
+    row, the second half the column. Otherwise the code is 1-D over 0..count-1. The periods
+    run geometrically from 2 to twice the side, so the slowest wave still tells every position
+    of a side apart. ``dim`` must be a multiple of 4 (2-D) or 2 (1-D).
+    """
+    side = math.isqrt(count)
+    grid = side * side == count and count > 1
+    axes = 2 if grid else 1
+    if dim % (2 * axes):
+        raise ValueError(f"dim must be a multiple of {2 * axes} for {count} positions, got {dim}")
+    n = side if grid else count
+    freqs = dim // (2 * axes)
+    periods = 2.0 * n ** (torch.arange(freqs, dtype=torch.float64) / max(freqs - 1, 1))
+    index = torch.arange(count)
+    coords = [index // side, index % side] if grid else [index]
+    parts = []
+    for c in coords:
+        angle = 2 * math.pi * c[:, None].double() / periods
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
 
 
 def _pad_packed(
@@ -111,12 +139,12 @@ class FusionReducer(nn.Module):
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, cfg.vision_dim) * 0.02)
         self.text_in = nn.Linear(cfg.text_dim, cfg.vision_dim)
         self.question_pos = (
-            nn.Parameter(torch.zeros(cfg.question_positions, cfg.vision_dim))
+            nn.Parameter(sincos_positions(cfg.question_positions, cfg.vision_dim))
             if cfg.question_positions
             else None
         )
         self.image_pos = (
-            nn.Parameter(torch.zeros(cfg.image_positions, cfg.vision_dim))
+            nn.Parameter(sincos_positions(cfg.image_positions, cfg.vision_dim))
             if cfg.image_positions
             else None
         )
@@ -142,15 +170,23 @@ class FusionReducer(nn.Module):
                     f"image must have {self.image_pos.shape[0]} tokens (the fusion reducer's "
                     f"image positions), got {image.shape[1]}"
                 )
-            image = image + self.image_pos
+            # added to normalised tokens: a ViT's residual stream can be far larger (rms 13.6
+            # in tokengine-tiny's); added raw, an earlier tokengine-tiny's zero-initialised
+            # positions grew to about 1% of its tokens' norm in training and were lost
+            image = _standardise(image) + self.image_pos
         x = self.queries[:tokens].unsqueeze(0).expand(image.shape[0], -1, -1)
         text = None if question is None else self.text_in(question)
         if text is not None and self.question_pos is not None:
-            at = _positions_in_segments(cu_seqlens)
-            text = text + self.question_pos[at.clamp(max=self.question_pos.shape[0] - 1)]
+            at = _positions_in_segments(cu_seqlens).clamp(max=self.question_pos.shape[0] - 1)
+            text = _standardise(text) + self.question_pos[at]
         for block in self.blocks:
             x = block(x, image, text, cu_seqlens)
         return self.norm_out(x)
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """x normalised over its last dimension (mean 0, variance 1), no learned scale."""
+    return F.layer_norm(x, x.shape[-1:])
 
 
 def question_guided_scores(
@@ -220,4 +256,5 @@ __all__ = [
     "FusionReducer",
     "question_guided_scores",
     "reduce_tokens",
+    "sincos_positions",
 ]
