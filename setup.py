@@ -29,14 +29,15 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 from 2.14).
+    cxx = ["-O3", "-fopenmp"]
     has_nvcc = shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME")
     want_cuda = not _flag("TOKENGINE_SKIP_CUDA") and torch.version.cuda is not None and has_nvcc
     want_cuda = want_cuda and (torch.cuda.is_available() or _flag("TOKENGINE_FORCE_CUDA"))
     include = [os.path.join(ROOT, "csrc")]
     if want_cuda:
         archs = os.environ.get("TOKENGINE_CUDA_ARCHS", "80;90").split(";")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
         nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         ext = CUDAExtension(
             "tokengine._C",

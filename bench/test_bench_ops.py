@@ -22,9 +22,9 @@ DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
 POOL_SHAPES = [(16, 1024, 64), (4, 4096, 144)]  # (B, D, N_l) from a 24x24 grid
 
 
-def pool_inputs(B, D):
+def pool_inputs(B, D, dtype=DTYPE):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, 576, D, generator=g).to(DEVICE, DTYPE)
+    x = torch.randn(B, 576, D, generator=g).to(DEVICE, dtype)
     return x, torch.rand(B, 576, generator=g).to(DEVICE)
 
 
@@ -63,11 +63,11 @@ def test_token_pool_baseline_adaptive_avg_pool2d(benchmark, B, D, tokens):
 ATTN_SHAPES = [(8, 64, 576, 32, 8, 64), (4, 256, 576, 32, 16, 64)]
 
 
-def attn_inputs(B, L, N, T, H, D):
+def attn_inputs(B, L, N, T, H, D, dtype=DTYPE):
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=g).to(DEVICE, DTYPE)
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
     cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=DEVICE)
     return (

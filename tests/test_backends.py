@@ -20,7 +20,7 @@ def test_forced_unavailable_backend_raises_never_falls_back():
 
 def test_environment_variable_forces_a_backend(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "reference")
-    assert backends.select(None, torch.device("cpu"), torch.float32) == "reference"
+    assert backends.select(None, torch.device("cpu"), torch.float32, "token_pool") == "reference"
     monkeypatch.setenv(backends.ENV_VAR, "cuda")
     with pytest.raises(BackendUnavailableError, match="TOKENGINE_BACKEND='cuda'"):
         token_pool(X, 4)
@@ -40,11 +40,14 @@ def test_default_on_cpu_is_the_compiled_backend_when_built():
         if backends.unavailable_reason("cpp", torch.device("cpu"), torch.float32) is None
         else "reference"
     )
-    assert backends.select(None, torch.device("cpu"), torch.float32) == expected
-    # float64 is the reference's alone
-    assert backends.select(None, torch.device("cpu"), torch.float64) == "reference"
+    for op in backends.OPS:
+        assert backends.select(None, torch.device("cpu"), torch.float32, op) == expected
+        # float64 is the reference's alone
+        assert backends.select(None, torch.device("cpu"), torch.float64, op) == "reference"
     with pytest.raises(BackendUnavailableError, match="float64"):
-        backends.select("triton", torch.device("cpu"), torch.float64)
+        backends.select("triton", torch.device("cpu"), torch.float64, "token_pool")
+    with pytest.raises(ValueError, match="op must be one of"):
+        backends.select(None, torch.device("cpu"), torch.float32, "conv")
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

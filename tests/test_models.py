@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -175,6 +176,42 @@ def test_generate_matches_hf(saved, name, seed):
         eos_token_id=EOS,
         pad_token_id=PAD,
     )[:, ids.shape[1] :]
+    got = ours.generate_ids(ids, pv, 16, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(got, expected)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_hf_on_cuda(saved, name, dtype):
+    """On CUDA, in each dtype, our logits are as close to the float64 truth as HF's own model
+    on the same device and dtype (at most twice its error: accumulation orders differ)."""
+    hf, path = saved[name]
+    ids = torch.stack([prompt(hf.config, 7, seed) for seed in (1, 2)])
+    pv = pixels(hf.config, 2)
+    with torch.no_grad():
+        truth = copy.deepcopy(hf).double()(input_ids=ids, pixel_values=pv.double()).logits
+        hf_dev = copy.deepcopy(hf).to("cuda", dtype)
+        theirs = hf_dev(input_ids=ids.cuda(), pixel_values=pv.to("cuda", dtype)).logits
+        ours = VLM.from_pretrained(path, dtype=dtype, device="cuda")
+        got = ours(ids.cuda(), pv.to("cuda", dtype))
+    assert got.dtype == dtype and got.shape == truth.shape
+    assert rel_err(got.cpu(), truth) <= 2 * rel_err(theirs.cpu(), truth) + 1e-6
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_generate_matches_hf_on_cuda(saved, name):
+    hf, path = saved[name]
+    ids = prompt(hf.config, 6, seed=3)[None].cuda()
+    pv = pixels(hf.config, 1, seed=3).cuda()
+    hf_dev = copy.deepcopy(hf).cuda()
+    kwargs = dict(max_new_tokens=16, eos_token_id=EOS, pad_token_id=PAD, do_sample=False)
+    expected = hf_dev.generate(input_ids=ids, pixel_values=pv, **kwargs)[:, ids.shape[1] :]
+    ours = VLM.from_pretrained(path, device="cuda")
     got = ours.generate_ids(ids, pv, 16, eos_token_id=EOS, pad_token_id=PAD)
     assert torch.equal(got, expected)
 
@@ -442,10 +479,14 @@ def test_preprocess_matches_clip_image_processor():
     hf = CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
     ours = ImageProcessor.from_dict(hf.to_dict())
     images = random_images(5)
-    rgba = np.dstack([images[0], images[0][..., 0]])
-    images += [Image.fromarray(images[1]).convert("L"), Image.fromarray(rgba, "RGBA")]
-    for image in images:
-        expected = torch.as_tensor(np.asarray(hf(image, return_tensors="np")["pixel_values"]))
+    rgba = Image.fromarray(np.dstack([images[0], images[0][..., 0]]), "RGBA")
+    # Transparency goes over white, as transformers 5.24 does (5.17 dropped the alpha channel),
+    # so HF is handed the composited image: the same pixels under either version.
+    on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    pairs = [(image, image) for image in images]
+    pairs += [(Image.fromarray(images[1]).convert("L"),) * 2, (rgba, on_white)]
+    for image, hf_input in pairs:
+        expected = torch.as_tensor(np.asarray(hf(hf_input, return_tensors="np")["pixel_values"]))
         got = ours(image)
         assert got.shape == expected.shape == (1, 3, 48, 48)
         assert (got - expected).abs().max().item() < 1e-5

@@ -156,7 +156,7 @@ def test_every_cpp_kernel_isa(isa, monkeypatch):
 @pytest.mark.skipif(not backends.cpp_kernel_isas(), reason="tokengine._C is not built")
 def test_unknown_cpp_kernel_isa_is_an_error(monkeypatch):
     monkeypatch.setenv("TOKENGINE_CPU_ISA", "sse9")
-    inputs = make(1, 2, 3, 1, 1, 4, [1], torch.float32, seed=0)
+    inputs = [t.cpu() for t in make(1, 2, 3, 1, 1, 4, [1], torch.float32, seed=0)]
     with pytest.raises(RuntimeError, match="TOKENGINE_CPU_ISA=sse9 .*expected one of generic"):
         qc_cross_attention(*inputs, backend="cpp")
 

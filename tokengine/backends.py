@@ -20,9 +20,17 @@ BACKENDS = ("reference", "triton", "cpp", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_VAR = "TOKENGINE_BACKEND"
 
-# Default preference per device type. On GPUs Triton comes first because it is the backend
-# verified on hardware-independent tests (interpreter); on CPUs the fused C++ ops come first.
-_PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpp", "reference")}
+OPS = ("token_pool", "qc_attention")
+# Default preference per (device type, op): the fastest measured first. On an H100
+# (bench/results/gpu-h100-2026-11-26.md) the CUDA pooling kernels ran 3-8x faster than
+# Triton's, while Triton's attention ran 1.6-8x faster than the CUDA one at the fusion
+# module's shapes; on CPUs the fused C++ ops beat the reference for both.
+_PREFERENCE = {
+    ("cuda", "token_pool"): ("cuda", "triton", "reference"),
+    ("cuda", "qc_attention"): ("triton", "cuda", "reference"),
+    ("cpu", "token_pool"): ("cpp", "reference"),
+    ("cpu", "qc_attention"): ("cpp", "reference"),
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -87,8 +95,11 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     return None if device.type == "cuda" else f"cuda runs on CUDA tensors (got {device})"
 
 
-def select(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend to run: ``requested``, else ``$TOKENGINE_BACKEND``, else the fastest usable."""
+def select(requested: str | None, device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """The backend to run ``op`` (one of ``OPS``): ``requested``, else ``$TOKENGINE_BACKEND``,
+    else the fastest usable for the device."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
     forced = requested if requested is not None else os.environ.get(ENV_VAR) or None
     if forced is not None:
         reason = unavailable_reason(forced, device, dtype)
@@ -96,7 +107,7 @@ def select(requested: str | None, device: torch.device, dtype: torch.dtype) -> s
             source = "backend" if requested is not None else ENV_VAR
             raise BackendUnavailableError(f"{source}={forced!r} is unavailable: {reason}")
         return forced
-    for name in _PREFERENCE.get(device.type, ("reference",)):
+    for name in _PREFERENCE.get((device.type, op), ("reference",)):
         if unavailable_reason(name, device, dtype) is None:
             return name
     return "reference"

@@ -32,8 +32,11 @@ def report() -> tuple[str, dict[str, dict[str, str | None]]]:
             f"{', '.join(isas)}; TOKENGINE_CPU_ISA picks one)"
         )
     for device, status in table.items():
-        default = backends.select(None, torch.device(device), torch.float32)
-        lines.append(f"backends on {device} (default for float32: {default}):")
+        defaults = ", ".join(
+            f"{op} {backends.select(None, torch.device(device), torch.float32, op)}"
+            for op in backends.OPS
+        )
+        lines.append(f"backends on {device} (defaults for float32: {defaults}):")
         for name, reason in status.items():
             lines.append(f"  {name:<10} {'available' if reason is None else 'no: ' + reason}")
     return "\n".join(lines), table

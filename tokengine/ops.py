@@ -67,7 +67,7 @@ def token_pool(
     check.pool_tokens(tokens, (H, W), mode, N)
     scores = check.pool_scores(scores, x, mode)
 
-    name = backends.select(backend, x.device, x.dtype)
+    name = backends.select(backend, x.device, x.dtype, "token_pool")
     if name == "reference":
         return reference.token_pool(x, tokens, grid=(H, W), mode=mode, scores=scores)
     impl = backends.implementation(name, "token_pool")
@@ -194,7 +194,7 @@ def qc_cross_attention(
         check.cu_seqlens(cu_seqlens_txt, B, k_txt.shape[0], q.device)
     scale = check.softmax_scale(softmax_scale, D)
 
-    name = backends.select(backend, q.device, q.dtype)
+    name = backends.select(backend, q.device, q.dtype, "qc_attention")
     if name == "reference":
         return reference.qc_cross_attention(
             q,

@@ -54,7 +54,7 @@ def nvcc_flags(nvcc: str) -> list[str]:
         includes.append(cuda_inc)
     includes.append(sysconfig.get_paths()["include"])
 
-    flags = ["-c", "-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DTOKENGINE_WITH_CUDA"]
+    flags = ["-c", "-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-DTOKENGINE_WITH_CUDA"]
     flags += ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
     flags += list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
     flags += ["--compiler-options", "-fPIC", "-diag-suppress=3306"]  # 3306: torch's C++20 bits
