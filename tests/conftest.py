@@ -8,6 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -51,6 +52,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
     err = (actual.double() - expected.double()).abs()
     assert not torch.isnan(err).any(), f"{what}: NaN in result (unwritten or poisoned output?)"
     assert err.max().item() <= tol, f"{what}: max error {err.max().item():.3e} > tol {tol:.3e}"
+
+
+@contextlib.contextmanager
+def device_sync_forbidden():
+    """Inside the block any host-device synchronisation on CUDA raises (a fused op that waits
+    for the device stalls the pipeline of every caller)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def skip_unless_fused_on_cuda(backend: str) -> None:
+    if DEVICE.type != "cuda" or backend not in ("triton", "cuda"):
+        pytest.skip("the fused kernels' promise on CUDA devices")
+    reason = backends.unavailable_reason(backend, DEVICE, torch.float16)
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 import truth
-from conftest import DEVICE, DTYPES, assert_close, backend_params, skip_unsupported, tolerance
+from conftest import (
+    DEVICE,
+    DTYPES,
+    assert_close,
+    backend_params,
+    device_sync_forbidden,
+    skip_unless_fused_on_cuda,
+    skip_unsupported,
+    tolerance,
+)
 
 from tokengine import backends
 from tokengine.ops import qc_cross_attention
@@ -170,3 +179,14 @@ def test_reference_gradcheck_float64():
         return qc_cross_attention(*xs, inputs[5].cpu(), return_attn_mass=True, backend="reference")
 
     assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("with_mass", [False, True], ids=["out", "out+mass"])
+def test_forward_never_waits_for_the_device(backend, with_mass):
+    """cu_seqlens_txt's values are not read back on a GPU (that cost as much as the kernel)."""
+    skip_unless_fused_on_cuda(backend)
+    inputs = make(2, 8, 16, 2, 2, 16, [3, 5], torch.float16, seed=0)
+    qc_cross_attention(*inputs, return_attn_mass=with_mass, backend=backend)  # compile first
+    with device_sync_forbidden():
+        qc_cross_attention(*inputs, return_attn_mass=with_mass, backend=backend)

@@ -3,7 +3,16 @@
 import pytest
 import torch
 import truth
-from conftest import DEVICE, DTYPES, assert_close, backend_params, skip_unsupported, tolerance
+from conftest import (
+    DEVICE,
+    DTYPES,
+    assert_close,
+    backend_params,
+    device_sync_forbidden,
+    skip_unless_fused_on_cuda,
+    skip_unsupported,
+    tolerance,
+)
 
 from tokengine.ops import token_pool
 
@@ -114,3 +123,14 @@ def test_non_contiguous_input(backend):
     out = token_pool(x_nc, 64, backend=backend)
     expected = truth.grid_pool(x.cpu(), 64, (24, 24), "avg")
     assert_close(out.cpu(), expected, tolerance(torch.float32, 9, 4.0), "non-contiguous")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("mode", ["avg", "weighted", "topk"])
+def test_forward_never_waits_for_the_device(backend, mode):
+    skip_unless_fused_on_cuda(backend)
+    x, scores = make(2, (24, 24), 16, torch.float16, seed=0)
+    s = None if mode == "avg" else scores
+    token_pool(x, 16, mode=mode, scores=s, backend=backend)  # compilation may synchronise
+    with device_sync_forbidden():
+        token_pool(x, 16, mode=mode, scores=s, backend=backend)

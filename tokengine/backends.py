@@ -22,9 +22,9 @@ ENV_VAR = "TOKENGINE_BACKEND"
 
 OPS = ("token_pool", "qc_attention")
 # Default preference per (device type, op): the fastest measured first. On an H100
-# (bench/results/gpu-h100-2026-11-26.md) the CUDA pooling kernels ran 3-8x faster than
-# Triton's, while Triton's attention ran 1.6-8x faster than the CUDA one at the fusion
-# module's shapes; on CPUs the fused C++ ops beat the reference for both.
+# (bench/results/gpu-h100-2026-11-26.md) the CUDA pooling kernels ran 8-15x faster than
+# Triton's, while Triton's attention ran 14-16x faster than the CUDA one (bf16, the fusion
+# module's shapes); on CPUs the fused C++ ops beat the reference for both.
 _PREFERENCE = {
     ("cuda", "token_pool"): ("cuda", "triton", "reference"),
     ("cuda", "qc_attention"): ("triton", "cuda", "reference"),

@@ -49,7 +49,8 @@ def token_pool(
             ``"weighted"`` (per bin sum(s*x)/sum(s), plain average where sum(s) = 0) or
             ``"topk"`` (the N_l tokens with the largest scores, in ascending index order,
             ties to the lower index).
-        scores: (B, N) >= 0, for ``"weighted"`` and ``"topk"`` only.
+        scores: (B, N) >= 0, for ``"weighted"`` and ``"topk"`` only (values checked for
+            NaN and sign on CPU tensors only: on a GPU that would synchronise).
         backend: force one backend; None chooses.
 
     Returns:
@@ -144,6 +145,7 @@ def qc_cross_attention(
         k_txt, v_txt: (T, Hkv, D) question keys/values of all samples, packed.
         cu_seqlens_txt: (B+1,) int32 offsets into the packed rows: sample b owns rows
             cu[b]:cu[b+1]; a length of 0 means "no question". Required with k_txt/v_txt.
+            Its values are checked on CPU tensors only: on a GPU that would synchronise.
         softmax_scale: logit scale; None means 1/sqrt(D).
         return_attn_mass: also return the attention probability each image key receives,
             averaged over heads and queries.

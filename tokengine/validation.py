@@ -89,6 +89,8 @@ def pool_scores(scores: object, x: torch.Tensor, mode: str) -> torch.Tensor | No
     if tuple(scores.shape) != (B, N):
         raise ValueError(f"scores must have shape (B, N) = ({B}, {N}), got {tuple(scores.shape)}")
     same("device", ["x", "scores"], [x, scores])
+    if scores.device.type != "cpu":
+        return scores  # reading values back would synchronise the device (see cu_seqlens)
     if torch.isnan(scores).any():
         raise ValueError("scores must not contain NaN")
     if mode == "weighted" and ((scores < 0).any() or torch.isinf(scores).any()):
@@ -111,6 +113,11 @@ def cu_seqlens(cu: object, batch: int, total: int, device: torch.device) -> torc
         )
     if cu.device != device:
         raise ValueError(f"cu_seqlens_txt must be on {device}, got {cu.device}")
+    if cu.device.type != "cpu":
+        # Reading the offsets back would make every call wait for the device (measured on an
+        # H100: it cost as much as the fused kernel itself). As in flash-attn, values are the
+        # caller's duty on GPUs; on CPU tensors they are checked, which is free there.
+        return cu
     host = cu.tolist()
     if host[0] != 0:
         raise ValueError(f"cu_seqlens_txt must start at 0, got {host[0]}")
