@@ -133,3 +133,14 @@ def test_clearly_lower_needs_more_than_sampling_noise():
     assert clearly_lower(0.25, 0.355, 200)
     assert not clearly_lower(0.40, 0.355, 200)
     assert not clearly_lower(0.05, 0.055, 200)
+
+
+def test_stage_c_lr_warms_up_holds_then_decays():
+    from tokengine.train import stage_c_lr
+
+    assert stage_c_lr(1.0, 0, 0.0, 10, 0.0) == pytest.approx(0.1)  # warm-up
+    assert stage_c_lr(1.0, 50, 0.0, 10, 0.0) == pytest.approx(1.0)
+    assert stage_c_lr(1.0, 50, 0.5, 10, 0.0) == pytest.approx(0.525)  # cosine from the start
+    assert stage_c_lr(1.0, 50, 0.5, 10, 0.7) == pytest.approx(1.0)  # held until decay_start
+    assert stage_c_lr(1.0, 50, 0.85, 10, 0.7) == pytest.approx(0.525)
+    assert stage_c_lr(1.0, 50, 1.0, 10, 0.7) == pytest.approx(0.05)

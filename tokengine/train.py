@@ -425,6 +425,14 @@ def _fmt(scores: dict) -> str:
     return " ".join(f"{k}={v['mean']:.3f}" for k, v in scores.items())
 
 
+def stage_c_lr(peak: float, step: int, frac: float, warmup: int, decay_start: float) -> float:
+    """Learning rate at ``step`` (``frac`` of stage c done): linear warm-up over ``warmup``
+    steps, the peak until ``decay_start``, then a cosine down to 5% of it at the end."""
+    warm = min(1.0, (step + 1) / warmup)
+    decay = max(0.0, frac - decay_start) / (1 - decay_start)
+    return peak * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * decay)))
+
+
 def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
     feats = torch.from_numpy(np.array(np.load(cache / "features.npy", mmap_mode="r")))
     recs = json.loads((cache / "records.json").read_text())
@@ -465,8 +473,7 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
         frac = step / args.steps if args.steps else spent / budget
         if frac >= 1:
             break
-        warm = min(1.0, (step + 1) / args.warmup)
-        lr = args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = stage_c_lr(args.lr, step, frac, args.warmup, args.decay_start)
         for g in opt.param_groups:
             g["lr"] = lr
         tokens = rng.choice(token_choices)
@@ -671,6 +678,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vision-lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument(
+        "--decay-start",
+        type=float,
+        default=0.0,
+        help="share of stage c run at the full learning rate before its cosine decay",
+    )
     p.add_argument("--pool-share", type=float, default=0.25)
     p.add_argument(
         "--probe-weight",
@@ -692,7 +705,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-test", action="store_true", help="score the test split at N_l 576, 1")
     p.add_argument("--test-per-family", type=int, default=200)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.decay_start < 1:
+        p.error(f"--decay-start must be in [0, 1), got {args.decay_start}")
+    return args
 
 
 def main(argv=None) -> dict:
