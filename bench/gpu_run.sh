@@ -3,7 +3,7 @@
 #   bash bench/gpu_run.sh        (logs and JSON under $OUT, default bench/results/gpu-DATE)
 # The lent machines have no network, so this uses the machine's own python3 (torch, triton,
 # transformers, pytest-xdist installed) with no virtualenv, and builds tokengine._C in place.
-# Steps, most important first, each under its own time limit (about 8 minutes in all):
+# Steps, most important first, each under its own time limit (4.5 minutes on an H100):
 # build with CUDA (sm_90) -> op and model-parity tests on CUDA -> the kernel-core issue's GPU
 # goals (bench/gpu_goals.py) -> TTFT per N_l at LLaVA-1.5-7B shapes (bench/llava7b_ttft.py)
 # -> the shipped tokengine-tiny's accuracy on CUDA -> the pytest benchmark table.
