@@ -59,23 +59,25 @@ def usable_backends() -> list[str]:
 def pool_rows(ceiling: float) -> list[dict]:
     B, D, tokens = POOL
     x, scores = pool_inputs(B, D, DTYPE)
-    rows = []
+    rows, refs = [], {}
     for mode in ("avg", "weighted"):
         s = None if mode == "avg" else scores
         s64 = None if s is None else s.double()
-        ref = token_pool(x.double(), tokens, mode=mode, scores=s64, backend="reference")
+        refs[mode] = token_pool(x.double(), tokens, mode=mode, scores=s64, backend="reference")
         nbytes = pool_bytes(x, tokens, s is not None)
         for backend in usable_backends():
             fn = partial(token_pool, x, tokens, mode=mode, scores=s, backend=backend)
-            rows.append(row(f"token_pool {mode}", backend, fn(), ref, median_ms(fn), nbytes))
+            rows.append(row(f"token_pool {mode}", backend, fn(), refs[mode], median_ms(fn), nbytes))
     h = 12  # 144 = 12 x 12
     img = x.transpose(1, 2).reshape(B, D, 24, 24)
 
     def base():
         return F.adaptive_avg_pool2d(img, (h, tokens // h)).flatten(2).transpose(1, 2)
 
-    ref = token_pool(x.double(), tokens, mode="avg", backend="reference")
-    rows.append(row("token_pool avg", "adaptive_avg_pool2d", base(), ref, median_ms(base), nbytes))
+    nbytes = pool_bytes(x, tokens)
+    rows.append(
+        row("token_pool avg", "adaptive_avg_pool2d", base(), refs["avg"], median_ms(base), nbytes)
+    )
     for r in rows:
         r["share_of_copy"] = r["GB/s"] / ceiling
     return rows

@@ -31,7 +31,8 @@ NEW_TOKENS = 8
 
 
 def word_tokenizer(config: VLMConfig) -> Tokenizer:
-    """A whitespace tokenizer over the model's vocabulary size with <image> at its index."""
+    """A whitespace tokenizer of the prompt's words (others become <unk>), with <image> at the
+    model's image_token_index: random weights need no real vocabulary."""
     words = ["<unk>", "<s>", "</s>", "USER", ":", "ASSISTANT", *QUESTION.split()]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     vocab["<image>"] = config.image_token_index
