@@ -72,31 +72,32 @@ def sincos_positions(count: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def _pad_packed(
-    packed: torch.Tensor, cu_seqlens: torch.Tensor, batch: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed rows (T, D) split by cu_seqlens -> (B, T_max, D) zero-padded, and a (B, T_max)
-    bool mask that is True at padding."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    t_max = max(int(lengths.max()), 1) if batch else 1
-    slots = torch.arange(t_max, device=packed.device)
-    valid = slots[None, :] < lengths[:, None]  # (B, T_max)
-    out = packed.new_zeros(batch, t_max, packed.shape[-1])
-    out[valid] = packed
-    return out, ~valid
+class _QuestionLayout:
+    """Where each packed question row (T rows, cu_seqlens (B+1,)) sits: its index within its
+    question and its slot in a zero-padded (B, T_max) layout. Computed once per forward and
+    shared by every block (finding T_max reads the lengths back from the device)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, batch: int) -> None:
+        segment = packed_segment_ids(cu_seqlens)
+        rows = torch.arange(len(segment), device=cu_seqlens.device)
+        self.position = rows - cu_seqlens.long()[segment]  # (T,)
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        self.batch = batch
+        self.t_max = max(int(lengths.max()), 1) if batch else 1
+        self.slot = segment * self.t_max + self.position  # (T,) row in (B * T_max)
+        slots = torch.arange(self.t_max, device=cu_seqlens.device)
+        self.pad_mask = slots[None, :] >= lengths[:, None]  # (B, T_max), True at padding
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed rows (T, D) -> (B, T_max, D), zero at padding."""
+        out = packed.new_zeros(self.batch * self.t_max, packed.shape[-1])
+        return out.index_copy(0, self.slot, packed).view(self.batch, self.t_max, -1)
 
 
 def packed_segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """(T,) the sample each packed row belongs to, for cu_seqlens (B+1,) int32."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     return torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
-
-
-def _positions_in_segments(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(T,) each packed row's index within its segment."""
-    segment = packed_segment_ids(cu_seqlens)
-    rows = torch.arange(len(segment), device=cu_seqlens.device)
-    return rows - cu_seqlens.long()[segment]
 
 
 class _FusionBlock(nn.Module):
@@ -111,15 +112,14 @@ class _FusionBlock(nn.Module):
         hidden = int(d * cfg.mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
 
-    def forward(self, x, image, text, cu_seqlens):
+    def forward(self, x, image, text, cu_seqlens, layout):
         h = self.norm_self(x)
         if text is None:
             x = x + self.self_attn(h, h, h, need_weights=False)[0]
         else:  # the queries also read the question here (as in InstructBLIP's Q-Former)
-            padded, pad_mask = _pad_packed(self.norm_self(text), cu_seqlens, x.shape[0])
-            kv = torch.cat([h, padded], dim=1)
-            keep_all = pad_mask.new_zeros(pad_mask.shape[0], h.shape[1])
-            mask = torch.cat([keep_all, pad_mask], dim=1)
+            kv = torch.cat([h, layout.pad(self.norm_self(text))], dim=1)
+            keep_all = layout.pad_mask.new_zeros(layout.batch, h.shape[1])
+            mask = torch.cat([keep_all, layout.pad_mask], dim=1)
             x = x + self.self_attn(h, kv, kv, key_padding_mask=mask, need_weights=False)[0]
         text = None if text is None else self.norm_kv(text)
         x = x + self.cross_attn(self.norm_cross(x), self.norm_kv(image), text, cu_seqlens)
@@ -175,12 +175,15 @@ class FusionReducer(nn.Module):
             # positions grew to about 1% of its tokens' norm in training and were lost
             image = _standardise(image) + self.image_pos
         x = self.queries[:tokens].unsqueeze(0).expand(image.shape[0], -1, -1)
-        text = None if question is None else self.text_in(question)
-        if text is not None and self.question_pos is not None:
-            at = _positions_in_segments(cu_seqlens).clamp(max=self.question_pos.shape[0] - 1)
-            text = _standardise(text) + self.question_pos[at]
+        text = layout = None
+        if question is not None:
+            text = self.text_in(question)
+            layout = _QuestionLayout(cu_seqlens, image.shape[0])
+            if self.question_pos is not None:
+                at = layout.position.clamp(max=self.question_pos.shape[0] - 1)
+                text = _standardise(text) + self.question_pos[at]
         for block in self.blocks:
-            x = block(x, image, text, cu_seqlens)
+            x = block(x, image, text, cu_seqlens, layout)
         return self.norm_out(x)
 
 
