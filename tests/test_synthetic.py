@@ -14,6 +14,7 @@ from tokengine.data.synthetic import (
     sample_hash,
     split_hash,
     test_split,
+    train_sample,
     train_stream,
 )
 
@@ -76,6 +77,16 @@ def test_train_stream():
     assert [s.family for s in only] == ["text", "chart"] * 3
     with pytest.raises(ValueError):
         next(train_stream(families=["nope"]))
+
+
+def test_train_sample_is_the_streams_sample_at_that_index():
+    stream = list(itertools.islice(train_stream(seed=3, image_size=96), 21))
+    for k in (0, 7, 8, 20):
+        assert sample_hash(train_sample(3, k, 96)) == sample_hash(stream[k])
+    only = list(itertools.islice(train_stream(1, 96, families=["text", "chart"]), 5))
+    assert sample_hash(train_sample(1, 4, 96, ["text", "chart"])) == sample_hash(only[4])
+    with pytest.raises(ValueError, match="index"):
+        train_sample(0, -1)
 
 
 def test_yes_no_balanced():

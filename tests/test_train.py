@@ -114,6 +114,27 @@ def test_train_cli_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path):
     assert len(res.texts) == 2 and all(isinstance(t, str) for t in res.texts)
 
 
+def test_worker_made_batches_are_the_stream_in_order():
+    """Stage a's and b's batches from two DataLoader workers equal those made in-process, and
+    both are the training stream's samples, in order (a short last batch included)."""
+    from functools import partial
+
+    from tokengine.train import cache_batch, stream_batches
+
+    vlm = random_tiny(0)
+    prepare = partial(cache_batch, processor=vlm.image_processor)
+    here = list(stream_batches(5, 3, 14, 4, prepare, workers=0))
+    there = list(stream_batches(5, 3, 14, 4, prepare, workers=2))
+    assert [len(b[1]) for b in here] == [4, 4, 3]
+    stream = list(islice(train_stream(5, vlm.config.vision.image_size), 14))[3:]
+    assert [s.uid for _, b in here for s in b] == [s.uid for s in stream]
+    assert [s.uid for _, b in there for s in b] == [s.uid for s in stream]
+    for (pa, _), (pb, _) in zip(here, there, strict=True):
+        assert torch.equal(pa, pb)
+    pixels = torch.cat([p for p, _ in here])
+    assert torch.equal(pixels, vlm.image_processor([s.image for s in stream]))
+
+
 @pytest.mark.parametrize("name", ["tokengine-tiny", "tokengine-tiny-noq"])
 def test_shipped_checkpoint_loads(name):
     path = shipped_path(name)

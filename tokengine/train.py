@@ -49,12 +49,15 @@ Each writes MODEL_CARD.md with its command, times and validation and test-split 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -62,6 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from tokengine.data.synthetic import (
@@ -73,6 +77,7 @@ from tokengine.data.synthetic import (
     dense_labels,
     normalize_answer,
     test_split,
+    train_sample,
     train_stream,
 )
 from tokengine.engine import LLAVA_TEMPLATE
@@ -89,6 +94,11 @@ LOG_FILE = "training.json"
 
 
 # ------------------------------------------------------------------------------ stage a
+def model_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters are (training moves the whole model with ``--device``)."""
+    return next(module.parameters()).device
+
+
 class DenseHeads(nn.Module):
     """Per-patch linear heads (after LayerNorm) on the ViT's output grid, plus a shape head on
     each object's mean patch feature.
@@ -160,6 +170,50 @@ def patch_targets(sample) -> dict[str, np.ndarray]:
     return out
 
 
+class StreamBatches(Dataset):
+    """Batch ``i``: samples ``start + i * size`` up to (not including) ``stop`` of
+    ``train_stream(seed)`` at the model's image size, as ``prepare`` returns them.
+
+    Each batch depends on its index alone, so a DataLoader's workers make them in parallel
+    (``--workers``, for a GPU's appetite) and in order: the same batches as one process.
+    """
+
+    def __init__(self, seed: int, start: int, stop: int, size: int, prepare: Callable) -> None:
+        self.seed, self.start, self.stop, self.size, self.prepare = seed, start, stop, size, prepare
+
+    def __len__(self) -> int:
+        return -(-(self.stop - self.start) // self.size)
+
+    def __getitem__(self, i: int):
+        lo = self.start + i * self.size
+        hi = min(lo + self.size, self.stop)
+        return self.prepare([train_sample(self.seed, k, IMAGE_SIZE) for k in range(lo, hi)])
+
+
+def stream_batches(seed: int, start: int, stop: int, size: int, prepare: Callable,
+                   workers: int) -> DataLoader:  # fmt: skip
+    """The batches of :class:`StreamBatches` in order, made by ``workers`` processes (0: here)."""
+    data = StreamBatches(seed, start, stop, size, prepare)
+    # its own generator: a DataLoader draws a worker seed, which would shift the global RNG
+    return DataLoader(data, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                      prefetch_factor=4 if workers else None)  # fmt: skip
+
+
+def dense_batch(samples, processor) -> tuple:
+    """Stage a's inputs: pixels (B, 3, H, W), per-patch targets {head: (B, 576)}, and the
+    object segments (B, 576) with each object's shape."""
+    pixels = preprocess_images([s.image for s in samples], processor)
+    tg = [patch_targets(s) for s in samples]
+    targets = {k: torch.from_numpy(np.stack([t[k] for t in tg])) for k in tg[0]}
+    return (pixels, targets, *object_targets(samples))
+
+
+def cache_batch(samples, processor) -> tuple:
+    """Stage b's inputs: pixels (B, 3, H, W) and the samples without their images."""
+    pixels = preprocess_images([s.image for s in samples], processor)
+    return pixels, [dataclasses.replace(s, image=None) for s in samples]
+
+
 def optimizer_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor) -> float:
     """Backward, clip the gradient norm to 1 and step; returns the loss."""
     opt.zero_grad(set_to_none=True)
@@ -174,51 +228,52 @@ def patch_accuracy(vlm: VLM, heads: DenseHeads, samples) -> dict[str, float]:
     """Per-head accuracy on the object patches of held-out scenes (centre: on centre patches)."""
     was_training = vlm.vision.training
     vlm.vision.eval()
-    feats = vlm.vision(preprocess_images([s.image for s in samples], vlm.image_processor))
+    pixels, targets, segments, shapes = dense_batch(samples, vlm.image_processor)
+    dev = model_device(vlm)
+    feats = vlm.vision(pixels.to(dev))
     vlm.vision.train(was_training)
     out = heads(feats)
-    tg = [patch_targets(s) for s in samples]
     acc = {}
     for k in out:
-        t = torch.from_numpy(np.stack([x[k] for x in tg]))
+        t = targets[k].to(dev)
         fg = t != (DenseHeads.SIZES[k] - 1) if k != "centre" else t == 1
         acc[k] = round(float((out[k].argmax(-1) == t)[fg].float().mean()), 3)
-    segments, shapes = object_targets(samples)
-    hit = heads.object_logits(feats, segments, len(shapes)).argmax(-1) == shapes
+    shapes = shapes.to(dev)
+    hit = heads.object_logits(feats, segments.to(dev), len(shapes)).argmax(-1) == shapes
     acc["object_shape"] = round(float(hit.float().mean()), 3)
     return acc
 
 
 def train_vision(vlm: VLM, args, log) -> dict:
     """Stage a: dense supervision of the vision tower, for a time or step budget."""
-    heads = DenseHeads(vlm.config.vision.hidden_size)
+    dev = model_device(vlm)
+    heads = DenseHeads(vlm.config.vision.hidden_size).to(dev)
     params = list(vlm.vision.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.01)
-    stream = train_stream(args.seed, IMAGE_SIZE)
     budget = args.vision_minutes * 60
     # background (the last class) is most patches: weigh it down so objects are learned
     weights = {k: torch.ones(n) for k, n in DenseHeads.SIZES.items()}
     for k in ("colour", "shape", "char"):
         weights[k][-1] = 0.2
     weights["centre"][1] = 5.0
+    weights = {k: w.to(dev) for k, w in weights.items()}
+    prepare = partial(dense_batch, processor=vlm.image_processor)
+    batches = stream_batches(args.seed, 0, 2**62, args.vision_batch_size, prepare, args.workers)
     val = list(islice(train_stream(args.seed + VAL_STREAM_OFFSET, IMAGE_SIZE), 256))
     vlm.vision.train()
     t0, step, hist = time.perf_counter(), 0, []
     bar = tqdm(desc="a: dense vision", unit="step", file=sys.stdout, mininterval=5)
-    while True:
+    for pixels, targets, segments, shapes in batches:
         elapsed = time.perf_counter() - t0
         frac = step / args.vision_steps if args.vision_steps else elapsed / budget
         if frac >= 1:
             break
         for g in opt.param_groups:
             g["lr"] = args.vision_lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 - frac))
-        batch = list(islice(stream, args.vision_batch_size))
-        pixels = preprocess_images([s.image for s in batch], vlm.image_processor)
-        tg = [patch_targets(s) for s in batch]
-        targets = {k: torch.from_numpy(np.stack([t[k] for t in tg])) for k in tg[0]}
-        feats = vlm.vision(pixels)
+        targets = {k: t.to(dev) for k, t in targets.items()}
+        segments, shapes = segments.to(dev), shapes.to(dev)
+        feats = vlm.vision(pixels.to(dev))
         out = heads(feats)
-        segments, shapes = object_targets(batch)
         losses = {
             k: F.cross_entropy(
                 out[k].flatten(0, 1),
@@ -269,16 +324,18 @@ def _records(vlm: VLM, samples) -> list[dict]:
 
 
 @torch.inference_mode()
-def encode_samples(vlm: VLM, samples, out: np.ndarray | None = None, chunk: int = 128):
-    feats = []
-    for i in range(0, len(samples), chunk):
-        px = preprocess_images([s.image for s in samples[i : i + chunk]], vlm.image_processor)
-        f = vlm.encode_images(px).to(torch.float16).numpy()
-        if out is None:
-            feats.append(f)
-        else:
-            out[i : i + len(f)] = f
-    return np.concatenate(feats) if out is None else out
+def encode_pixels(vlm: VLM, pixels: torch.Tensor) -> np.ndarray:
+    """The frozen ViT's grids (B, 576, Dv), float16 on the host, of pixels (B, 3, H, W)."""
+    return vlm.encode_images(pixels.to(model_device(vlm))).to(torch.float16).cpu().numpy()
+
+
+def encode_samples(vlm: VLM, samples, chunk: int = 128) -> np.ndarray:
+    """:func:`encode_pixels` of the samples' images, ``chunk`` at a time."""
+    return np.concatenate([
+        encode_pixels(vlm, preprocess_images([s.image for s in samples[i : i + chunk]],
+                                             vlm.image_processor))
+        for i in range(0, len(samples), chunk)
+    ])  # fmt: skip
 
 
 def build_cache(vlm: VLM, args, cache: Path, stage_a: dict, log) -> None:
@@ -290,14 +347,12 @@ def build_cache(vlm: VLM, args, cache: Path, stage_a: dict, log) -> None:
         cache / "features.npy", mode="w+", dtype=np.float16, shape=(n, GRID * GRID, dv)
     )
     # stage a used the first samples of the stream; cache fresh ones after them
-    stream = train_stream(args.seed, IMAGE_SIZE)
     skip = stage_a.get("images", 0)
-    stream = islice(stream, skip, None)
     recs, done = [], 0
     bar = tqdm(total=n, desc="b: cache features", unit="img", file=sys.stdout, mininterval=5)
-    while done < n:
-        batch = list(islice(stream, min(1024, n - done)))
-        encode_samples(vlm, batch, feats[done : done + len(batch)])
+    prepare = partial(cache_batch, processor=vlm.image_processor)
+    for pixels, batch in stream_batches(args.seed, skip, skip + n, 1024, prepare, args.workers):
+        feats[done : done + len(batch)] = encode_pixels(vlm, pixels)
         recs += _records(vlm, batch)
         done += len(batch)
         bar.update(len(batch))
@@ -308,7 +363,7 @@ def build_cache(vlm: VLM, args, cache: Path, stage_a: dict, log) -> None:
     np.save(cache / "val_features.npy", encode_samples(vlm, val))
     (cache / "records.json").write_text(json.dumps(recs))
     (cache / "val_records.json").write_text(json.dumps(_records(vlm, val)))
-    torch.save(vlm.vision.state_dict(), cache / "vision.pt")
+    torch.save({k: v.cpu() for k, v in vlm.vision.state_dict().items()}, cache / "vision.pt")
     meta = {"samples": n, "seed": args.seed, "stage_a": stage_a,
             "cache_seconds": time.perf_counter() - t0}  # fmt: skip
     (cache / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -340,10 +395,10 @@ def lm_batch(vlm: VLM, feats: torch.Tensor, recs: list[dict], tokens: int, reduc
              probe: AnswerProbe | None = None):  # fmt: skip
     """Logits at the answer and EOS positions: (B, 2, V), and targets (B, 2); with a
     ``probe``, also its answer logits (B, V)."""
-    B = len(recs)
+    B, dev = len(recs), feats.device
     qlen = torch.tensor([0] + [len(r["question"]) for r in recs])
-    cu = qlen.cumsum(0).to(torch.int32)
-    flat = torch.tensor([t for r in recs for t in r["question"]], dtype=torch.long)
+    cu = qlen.cumsum(0).to(device=dev, dtype=torch.int32)
+    flat = torch.tensor([t for r in recs for t in r["question"]], dtype=torch.long, device=dev)
     question = vlm.lm.embed(flat)
     reduced = reduce_tokens(
         reducer, feats, tokens, fusion=vlm.reducer, question=question, cu_seqlens=cu
@@ -355,13 +410,14 @@ def lm_batch(vlm: VLM, feats: torch.Tensor, recs: list[dict], tokens: int, reduc
     ids = torch.full((B, S), PAD_ID, dtype=torch.long)
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
+    ids = ids.to(dev)
     embeds = vlm.lm.embed(ids)
     is_image = (ids == IMAGE_ID)[..., None]
     embeds = embeds.masked_scatter(is_image, image.to(embeds.dtype))
     logits = causal_lm(vlm.lm, embeds)
-    rows = torch.arange(B)[:, None]
-    cols = (lens - 3)[:, None] + torch.arange(2)
-    targets = torch.tensor([[r["answer"], EOS_ID] for r in recs])
+    rows = torch.arange(B, device=dev)[:, None]
+    cols = ((lens - 3)[:, None] + torch.arange(2)).to(dev)
+    targets = torch.tensor([[r["answer"], EOS_ID] for r in recs], device=dev)
     if probe is not None:
         return logits[rows, cols], targets, probe(reduced, question, cu)
     return logits[rows, cols], targets
@@ -433,16 +489,27 @@ def stage_c_lr(peak: float, step: int, frac: float, warmup: int, decay_start: fl
     return peak * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * decay)))
 
 
+def load_features(path: Path, device: torch.device, chunk: int = 4096) -> torch.Tensor:
+    """A cached ``.npy`` of grids (N, 576, Dv) float16, on ``device``, read a chunk at a time
+    (no second host copy of a cache of many GiB)."""
+    src = np.load(path, mmap_mode="r")
+    out = torch.empty(src.shape, dtype=torch.float16, device=device)
+    for i in range(0, len(src), chunk):
+        out[i : i + chunk] = torch.from_numpy(np.array(src[i : i + chunk]))
+    return out
+
+
 def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
-    feats = torch.from_numpy(np.array(np.load(cache / "features.npy", mmap_mode="r")))
+    dev = model_device(vlm)
+    feats = load_features(cache / "features.npy", dev)
     recs = json.loads((cache / "records.json").read_text())
-    val_feats = torch.from_numpy(np.load(cache / "val_features.npy"))
+    val_feats = load_features(cache / "val_features.npy", dev)
     val_recs = json.loads((cache / "val_records.json").read_text())
     n = len(recs)
-    log(f"stage c: {n} cached samples, variant {args.variant}")
+    log(f"stage c: {n} cached samples, variant {args.variant}, on {dev}")
     vlm.vision.requires_grad_(False)
     c = vlm.config
-    probe = AnswerProbe(c.vision.hidden_size, c.text.hidden_size, c.text.vocab_size)
+    probe = AnswerProbe(c.vision.hidden_size, c.text.hidden_size, c.text.vocab_size).to(dev)
     params = [p for name, p in vlm.named_parameters() if not name.startswith("vision.")]
     params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -703,11 +770,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         "default 1,4,16,64,144,256,576",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes making stage a's and b's images (0: the training process itself)",
+    )
     p.add_argument("--eval-test", action="store_true", help="score the test split at N_l 576, 1")
     p.add_argument("--test-per-family", type=int, default=200)
     args = p.parse_args(argv)
     if not 0 <= args.decay_start < 1:
         p.error(f"--decay-start must be in [0, 1), got {args.decay_start}")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device: {exc}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch sees no CUDA device")
     return args
 
 
@@ -723,19 +805,19 @@ def main(argv=None) -> dict:
     def log(msg: str) -> None:
         tqdm.write(f"[{time.perf_counter() - t0:7.0f} s] {msg}", file=sys.stdout)
 
-    vlm = random_tiny(args.seed)
+    vlm = random_tiny(args.seed).to(args.device)
     if not (cache / "meta.json").is_file():
         stage_a = train_vision(vlm, args, log)
         build_cache(vlm, args, cache, stage_a, log)
     else:
         log(f"reusing the feature cache {cache}")
     meta = json.loads((cache / "meta.json").read_text())
-    vlm.vision.load_state_dict(torch.load(cache / "vision.pt"))
+    vlm.vision.load_state_dict(torch.load(cache / "vision.pt", map_location=args.device))
     if args.init:  # continue from a saved model (fresh optimiser and schedule)
         vlm.load_state_dict(VLM.from_pretrained(args.init).state_dict())
         log(f"initialised from {args.init}")
     stage_c = train_lm(vlm, args, cache, out, log)
-    vlm.eval()
+    vlm.eval().cpu()
     vlm.save_pretrained(out)
     summary = {"argv": sys.argv if argv is None else ["python -m tokengine.train", *argv],
                "output": str(out), "variant": args.variant, "seed": args.seed, "cache": meta,

@@ -43,6 +43,7 @@ generator's ground truth (every object's kind, colour, shape, character, value, 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
 import re
@@ -740,12 +741,22 @@ def train_stream(
     fams = _families(families)
     if seed < 0:
         raise ValueError("seed must be >= 0")
+    for index in itertools.count():
+        yield train_sample(seed, index, image_size, fams)
+
+
+def train_sample(
+    seed: int, index: int, image_size: int = 336, families: Iterable[str] | None = None
+) -> Sample:
+    """Sample ``index`` of ``train_stream(seed, image_size, families)``, made without the ones
+    before it (so that parallel workers can each make their own slice of the stream)."""
+    fams = _families(families)
+    if seed < 0:
+        raise ValueError("seed must be >= 0")
+    if index < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
     base = _TRAIN_SEED_BASE + seed * 2**32
-    j = 0
-    while True:
-        for f in fams:
-            yield generate(f, base + j, image_size)
-        j += 1
+    return generate(fams[index % len(fams)], base + index // len(fams), image_size)
 
 
 def answer_vocabulary(family: str | None = None) -> list[str]:

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Train tokengine-tiny on a lent GPU, through the device tool, from the repo root:
+#   bash bench/gpu_train.sh      (VISION_MIN, STAGE_C_MIN, CACHE_SAMPLES, DEVICE override; with
+#   DEVICE=cpu and tiny budgets the script itself can be tried on a CPU)
+# Uses the machine's own python3 (no network there), like bench/gpu_run.sh. After a smoke run of
+# every stage on CUDA, five runs of `python -m tokengine.train --device cuda` share the one GPU:
+#   A       fusion, seed 0, stages a + b + c (builds cache A)      <- the candidate to ship
+#   B       the same command with its own cache B                  <- a from-scratch rerun
+#   A-seed1 fusion, seed 1, stage c on cache A                     <- another seed
+#   A-noq   fusion-noq, seed 0, stage c on cache A                 <- the question-free pair
+#   A-b64   fusion, seed 0, batch 64 (the CPU recipe's), cache A   <- batch size vs steps
+# Each model directory (with its log) comes back as a .tgz under $OUT; score them on the test
+# split where they land (python -m tokengine.eval / train.evaluate_test), not on the device.
+set -uo pipefail
+OUT=${OUT:-runs/gpu-train}
+R=/tmp/gpu-train  # caches (GiBs) stay on the machine
+VISION_MIN=${VISION_MIN:-2}
+STAGE_C_MIN=${STAGE_C_MIN:-4}
+CACHE_SAMPLES=${CACHE_SAMPLES:-100000}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT" "$R"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" PYTHONDONTWRITEBYTECODE=1
+[ -e tokengine/kernels ] || ln -s ../kernels tokengine/kernels
+exec > >(tee "$OUT/run.log") 2>&1
+step() { echo; echo "=== [${SECONDS}s] $*"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+echo "cpus $(nproc)"
+df -m /dev/shm
+# DataLoader workers hand batches over in shared memory: none where /dev/shm is small
+WORKERS=${WORKERS:-$([ "$(df -m --output=size /dev/shm | tail -1)" -ge 4096 ] && echo 6 || echo 0)}
+echo "workers $WORKERS"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'triton', triton.__version__)"
+
+step "smoke: every stage on CUDA for a few steps"
+timeout 150 python3 -m tokengine.train --device "$DEVICE" --workers "$WORKERS" --output "$R/smoke" \
+  --cache "$R/smoke-cache" --vision-steps 3 --vision-batch-size 64 --cache-samples 1024 \
+  --val-samples 128 --steps 20 --batch-size 256 --val-every 0 --save-every 10 --seed 0 \
+  > "$OUT/smoke.log" 2>&1 || { tail -40 "$OUT/smoke.log"; exit 1; }
+grep -a "stage\|final\|done" "$OUT/smoke.log"
+
+step "train: stage a ${VISION_MIN} min, ${CACHE_SAMPLES} cached grids, stage c ${STAGE_C_MIN} min"
+common=(--device "$DEVICE" --workers "$WORKERS" --threads 2 --tokens 1,1,4,4,16,16,64,64,144,256,576
+  --vision-minutes "$VISION_MIN" --vision-batch-size 128 --cache-samples "$CACHE_SAMPLES"
+  --minutes "$STAGE_C_MIN" --batch-size 256 --val-every 1 --save-every 2000)
+# every run ends by one deadline, so that the models and logs are packed before the call's limit
+deadline=$((SECONDS + $(python3 -c "print(int(60 * ($VISION_MIN + $STAGE_C_MIN)) + 100)")))
+train() {
+  local name=$1
+  shift
+  timeout $((deadline - SECONDS)) python3 -m tokengine.train --output "$R/$name" "$@" \
+    > "$R/$name.log" 2>&1
+  echo "[${SECONDS}s] $name exited $?"
+}
+pids=()
+train A --variant fusion --cache "$R/cacheA" --seed 0 "${common[@]}" &
+pids+=($!)
+train B --variant fusion --cache "$R/cacheB" --seed 0 "${common[@]}" &
+pids+=($!)
+while [ ! -f "$R/cacheA/meta.json" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
+step "cache A ready"
+train A-seed1 --variant fusion --cache "$R/cacheA" --seed 1 "${common[@]}" &
+pids+=($!)
+train A-noq --variant fusion-noq --cache "$R/cacheA" --seed 0 "${common[@]}" &
+pids+=($!)
+train A-b64 --variant fusion --cache "$R/cacheA" --seed 0 "${common[@]}" --batch-size 64 &
+pids+=($!)
+(while sleep 30; do
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null; done) &
+sampler=$!
+wait "${pids[@]}"
+kill "$sampler"
+
+step "results"
+for name in A B A-seed1 A-noq A-b64; do
+  grep -a "stage a:\|stage b:\|final val\|Error\|error" "$R/$name.log" | cut -c1-400
+  cp "$R/$name.log" "$R/$name/" 2>/dev/null
+  cp "$R/cache${name:0:1}/meta.json" "$R/$name/cache_meta.json" 2>/dev/null
+  tar -C "$R" -czf "$OUT/$name.tgz" --exclude train_state.pt "$name"
+done
+step "done"
