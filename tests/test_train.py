@@ -114,6 +114,36 @@ def test_train_cli_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path):
     assert len(res.texts) == 2 and all(isinstance(t, str) for t in res.texts)
 
 
+def test_train_cli_continues_a_model_and_scores_it_afterwards(tmp_path):
+    """``--init`` with no cache caches the grids of the model's own ViT (stage a is skipped);
+    ``--test-only`` scores a saved model on the test split and puts the scores in its card."""
+    from tokengine.train import main
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    small = ["--cache-samples", "24", "--val-samples", "8", "--steps", "3", "--batch-size",
+             "8", "--tokens", "1,4", "--warmup", "1", "--save-every", "0",
+             "--val-every", "0"]  # fmt: skip
+    main(["--output", str(first), "--cache", str(tmp_path / "c1"), "--vision-steps", "2",
+          "--vision-batch-size", "8", *small])  # fmt: skip
+    summary = main(["--output", str(second), "--cache", str(tmp_path / "c2"), "--init",
+                    str(first), *small])  # fmt: skip
+    assert summary["cache"]["stage_a"] == json.loads((first / "training.json").read_text())[
+        "cache"]["stage_a"]  # fmt: skip
+    cached = torch.load(tmp_path / "c2" / "vision.pt")
+    trained = VLM.from_pretrained(first).vision.state_dict()
+    assert cached.keys() == trained.keys()
+    assert all(torch.equal(cached[k], trained[k]) for k in trained)
+
+    scored = main(["--output", str(second), "--test-only", "--test-per-family", "2"])
+    assert set(scored["test"]) == {"fusion@576", "pool-avg@576", "fusion@1", "pool-avg@1"}
+    card = (second / "MODEL_CARD.md").read_text()
+    assert "Test split scored afterwards with `python -m tokengine.train --output" in card
+    assert "mean >= 0.70 at N_l=576" in card
+    assert json.loads((second / "training.json").read_text())["test"] == scored["test"]
+    with pytest.raises(SystemExit, match="training.json"):
+        main(["--output", str(tmp_path / "nothing"), "--test-only"])
+
+
 def test_worker_made_batches_are_the_stream_in_order():
     """Stage a's and b's batches from two DataLoader workers equal those made in-process, and
     both are the training stream's samples, in order (a short last batch included)."""
