@@ -7,21 +7,17 @@
 # stage c again from its weights (a fresh warm-up and cosine), on a cache of the grids its own
 # ViT makes of the samples its first stage c saw. Runs naming the same CACHE share one cache
 # (the first builds it); by default each has its own. Each comes back as $OUT/NAME-cont.tgz.
-set -uo pipefail
 OUT=${OUT:-runs/gpu-continue}
 R=/tmp/gpu-continue
 STAGE_C_MIN=${STAGE_C_MIN:-3}
 LR=${LR:-1e-3}
 CACHE_SAMPLES=${CACHE_SAMPLES:-100000}
 DEVICE=${DEVICE:-cuda}
-mkdir -p "$OUT" "$R"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" PYTHONDONTWRITEBYTECODE=1
-[ -e tokengine/kernels ] || ln -s ../kernels tokengine/kernels
-exec > >(tee "$OUT/run.log") 2>&1
-step() { echo; echo "=== [${SECONDS}s] $*"; }
+mkdir -p "$R"
+source bench/gpu_env.sh
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-WORKERS=${WORKERS:-$([ "$(df -m --output=size /dev/shm | tail -1)" -ge 4096 ] && echo 4 || echo 0)}
+WORKERS=${WORKERS:-$(shm_workers 4)}
 
 step "continue $*: stage c ${STAGE_C_MIN} min at lr ${LR}"
 deadline=$((SECONDS + $(python3 -c "print(int(60 * $STAGE_C_MIN) + 100)")))

@@ -8,16 +8,10 @@
 # goals (bench/gpu_goals.py) -> TTFT per N_l at LLaVA-1.5-7B shapes (bench/llava7b_ttft.py)
 # -> the shipped tokengine-tiny's accuracy on CUDA -> the pytest benchmark table.
 # Commit what it prints under bench/results/ with the card's name, the date and this command.
-set -uo pipefail
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d)}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/bench" PYTHONDONTWRITEBYTECODE=1
-# kernels/ is installed as tokengine.kernels; with the checkout on PYTHONPATH a link stands in.
-[ -e tokengine/kernels ] || ln -s ../kernels tokengine/kernels
-step() { echo; echo "=== [${SECONDS}s] $*"; }
 # At most 8 files come back from the device: run.log (everything printed), build.log,
 # tests.log, goals.json, ttft.json, eval.json, bench.json.
-exec > >(tee "$OUT/run.log") 2>&1
+source bench/gpu_env.sh
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv

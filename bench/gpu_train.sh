@@ -11,25 +11,20 @@
 #   A-b64   fusion, seed 0, batch 64 (the CPU recipe's), cache A   <- batch size vs steps
 # Each model directory (with its log) comes back as a .tgz under $OUT; score them on the test
 # split where they land (python -m tokengine.eval / train.evaluate_test), not on the device.
-set -uo pipefail
 OUT=${OUT:-runs/gpu-train}
 R=/tmp/gpu-train  # caches (GiBs) stay on the machine
 VISION_MIN=${VISION_MIN:-2}
 STAGE_C_MIN=${STAGE_C_MIN:-4}
 CACHE_SAMPLES=${CACHE_SAMPLES:-100000}
 DEVICE=${DEVICE:-cuda}
-mkdir -p "$OUT" "$R"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" PYTHONDONTWRITEBYTECODE=1
-[ -e tokengine/kernels ] || ln -s ../kernels tokengine/kernels
-exec > >(tee "$OUT/run.log") 2>&1
-step() { echo; echo "=== [${SECONDS}s] $*"; }
+mkdir -p "$R"
+source bench/gpu_env.sh
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 echo "cpus $(nproc)"
 df -m /dev/shm
-# DataLoader workers hand batches over in shared memory: none where /dev/shm is small
-WORKERS=${WORKERS:-$([ "$(df -m --output=size /dev/shm | tail -1)" -ge 4096 ] && echo 6 || echo 0)}
+WORKERS=${WORKERS:-$(shm_workers 6)}
 echo "workers $WORKERS"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'triton', triton.__version__)"
