@@ -195,3 +195,20 @@ def test_stage_c_lr_warms_up_holds_then_decays():
     assert stage_c_lr(1.0, 50, 0.5, 10, 0.7) == pytest.approx(1.0)  # held until decay_start
     assert stage_c_lr(1.0, 50, 0.85, 10, 0.7) == pytest.approx(0.525)
     assert stage_c_lr(1.0, 50, 1.0, 10, 0.7) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        (["--device", "gpu"], "--device: "),
+        (["--decay-start", "1"], "--decay-start must be in [0, 1)"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]),
+)
+def test_train_cli_names_the_bad_argument(flags, message, capsys):
+    from tokengine.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--output", "unused", *flags])
+    assert message in capsys.readouterr().err
