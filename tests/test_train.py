@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,59 @@ def test_train_cli_continues_a_model_and_scores_it_afterwards(tmp_path):
         main(["--output", str(tmp_path / "nothing"), "--test-only"])
 
 
+def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
+    tmp_path, monkeypatch
+):
+    """Killed after its state was saved at step 3, a ``--resume`` run ends with the same weights
+    as one that ran its 7 steps at once (shuffled order, RNGs, optimiser and probe restored):
+    the cache (24 samples, weighted to 30) is passed twice, so the order after a reshuffle
+    counts too."""
+    import tokengine.train as train
+
+    def run(out: Path, *extra: str) -> None:
+        train.main(["--output", str(out), "--cache", str(tmp_path / "cache"), "--vision-steps",
+                    "2", "--vision-batch-size", "8", "--cache-samples", "24", "--val-samples",
+                    "8", "--steps", "7", "--batch-size", "8", "--min-batch", "8", "--tokens",
+                    "1,4", "--warmup", "1", "--save-every", "3", "--val-every", "0",
+                    "--family-weights", "text=2,chart=3", *extra])  # fmt: skip
+
+    run(tmp_path / "whole")
+    real_step, calls = train.optimizer_step, []
+
+    def dies_at_step_5(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "optimizer_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "split")
+    monkeypatch.setattr(train, "optimizer_step", real_step)
+    assert torch.load(tmp_path / "split" / train.STATE_FILE, weights_only=False)["step"] == 3
+    run(tmp_path / "split", "--resume")
+    whole = VLM.from_pretrained(tmp_path / "whole").state_dict()
+    split = VLM.from_pretrained(tmp_path / "split").state_dict()
+    assert whole.keys() == split.keys()
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    summary = json.loads((tmp_path / "split" / "training.json").read_text())
+    assert summary["stage_c"]["steps"] == 7 and summary["stage_c"]["samples_seen"] == 56
+
+
+def test_family_weights_repeat_a_family_in_the_order():
+    from tokengine.train import parse_family_weights, weighted_order
+
+    recs = [{"family": i % len(FAMILIES)} for i in range(2 * len(FAMILIES))]
+    assert weighted_order(recs, parse_family_weights(None)) == list(range(len(recs)))
+    weights = parse_family_weights("text=3,counting=2")
+    assert weights["text"] == 3 and weights["counting"] == 2 and weights["colour"] == 1
+    order = weighted_order(recs, weights)
+    assert order[: len(recs)] == list(range(len(recs)))  # the first pass in stream order
+    text, counting = FAMILIES.index("text"), FAMILIES.index("counting")
+    for i, r in enumerate(recs):
+        assert order.count(i) == {text: 3, counting: 2}.get(r["family"], 1)
+
+
 def test_worker_made_batches_are_the_stream_in_order():
     """Stage a's and b's batches from two DataLoader workers equal those made in-process, and
     both are the training stream's samples, in order (a short last batch included)."""
@@ -203,6 +257,8 @@ def test_stage_c_lr_warms_up_holds_then_decays():
         (["--workers", "-1"], "--workers must be >= 0, got -1"),
         (["--device", "gpu"], "--device: "),
         (["--decay-start", "1"], "--decay-start must be in [0, 1)"),
+        (["--family-weights", "text=0"], "--family-weights: expected FAMILY=N"),
+        (["--family-weights", "texts=2"], "got 'texts=2'"),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]),
 )

@@ -501,6 +501,28 @@ def load_features(path: Path, device: torch.device, chunk: int = 4096) -> torch.
     return out
 
 
+def parse_family_weights(text: str | None) -> dict[str, int]:
+    """``"counting=2,text=3"`` -> a weight for every family (1 where not named)."""
+    weights = dict.fromkeys(FAMILIES, 1)
+    for item in filter(None, (text or "").split(",")):
+        family, _, value = item.partition("=")
+        if family not in weights or not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"--family-weights: expected FAMILY=N with FAMILY one of {FAMILIES} and N a "
+                f"positive integer, got {item!r}"
+            )
+        weights[family] = int(value)
+    return weights
+
+
+def weighted_order(recs: list[dict], weights: dict[str, int]) -> list[int]:
+    """Indices of the cached samples, a family of weight w w times over: the cache in order,
+    then again the samples of the families of weight >= 2, and so on (the first pass is in
+    stream order, later ones are shuffled; all weights 1 give the cache once, in order)."""
+    passes = range(max(weights.values()))
+    return [i for k in passes for i, r in enumerate(recs) if weights[FAMILIES[r["family"]]] > k]
+
+
 def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
     dev = model_device(vlm)
     feats = load_features(cache / "features.npy", dev)
@@ -518,6 +540,7 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
     rng = random.Random(args.seed)
     state_file = out / STATE_FILE
     step, spent, hist, val_log, cursor, seen = 0, 0.0, [], [], 0, 0
+    perm = weighted_order(recs, args.family_weights)
     if args.resume and state_file.is_file():
         st = torch.load(state_file, weights_only=False)
         vlm.load_state_dict(st["model"])
@@ -529,7 +552,6 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
         torch.set_rng_state(st["torch_rng"])
         log(f"resumed at step {step} ({spent:.0f} s spent)")
     budget = args.minutes * 60
-    perm = list(range(n))
     token_choices = [int(t) for t in args.tokens.split(",")] if args.tokens else list(TOKENS)
     min_batch = args.min_batch or max(1, args.batch_size // 8)
     bar = tqdm(desc=f"c: {args.variant}", unit="step", file=sys.stdout, mininterval=5)
@@ -548,7 +570,7 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
         tokens = rng.choice(token_choices)
         # fewer samples for long prompts: about the same LM tokens per step
         bs = max(min_batch, min(args.batch_size, args.batch_size * 64 // tokens))
-        if cursor + bs > n:
+        if cursor + bs > len(perm):
             rng.shuffle(perm)
             cursor = 0
         idx = perm[cursor : cursor + bs]
@@ -758,6 +780,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--pool-share", type=float, default=0.25)
     p.add_argument(
+        "--family-weights",
+        default=None,
+        help="stage c: how often each family's cached samples are drawn, e.g. "
+        "counting=2,spatial=2 (families not named: 1)",
+    )
+    p.add_argument(
         "--probe-weight",
         type=float,
         default=1.0,
@@ -795,6 +823,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--decay-start must be in [0, 1), got {args.decay_start}")
     if args.workers < 0:
         p.error(f"--workers must be >= 0, got {args.workers}")
+    try:
+        args.family_weights = parse_family_weights(args.family_weights)
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         dev = torch.device(args.device)
     except RuntimeError as exc:
@@ -870,6 +902,8 @@ def main(argv=None) -> dict:
     if args.init:  # continue from a saved model (fresh optimiser and schedule)
         vlm.load_state_dict(VLM.from_pretrained(args.init).state_dict())
         log(f"initialised from {args.init}")
+    # stage c starts from this RNG state whether or not stages a and b run in this process
+    stage_c_rng = torch.get_rng_state()
     if not (cache / "meta.json").is_file():
         # a model to continue brings its trained ViT: cache the grids its stage c learned on
         stage_a = init_stage_a(Path(args.init)) if args.init else train_vision(vlm, args, log)
@@ -878,6 +912,7 @@ def main(argv=None) -> dict:
         log(f"reusing the feature cache {cache}")
     meta = json.loads((cache / "meta.json").read_text())
     vlm.vision.load_state_dict(torch.load(cache / "vision.pt", map_location=args.device))
+    torch.set_rng_state(stage_c_rng)
     stage_c = train_lm(vlm, args, cache, out, log)
     vlm.eval().cpu()
     vlm.save_pretrained(out)
