@@ -198,6 +198,30 @@ def test_family_weights_repeat_a_family_in_the_order():
         assert order.count(i) == {text: 3, counting: 2}.get(r["family"], 1)
 
 
+def test_validation_split_is_the_validation_stream_by_family():
+    """Per family, the validation split is the validation stream's samples of that family in
+    order (so its head is the cached validation set), and shares no scene with the training
+    stream or the test split."""
+    from tokengine.train import VAL_STREAM_OFFSET, validation_split
+
+    size = random_tiny(0).config.vision.image_size
+    stream = list(islice(train_stream(VAL_STREAM_OFFSET, size), 3 * len(FAMILIES)))
+    training = {s.uid for s in islice(train_stream(0, size), 3 * len(FAMILIES))}
+    for k, fam in enumerate(FAMILIES):
+        split = validation_split(fam, 3)
+        assert [s.uid for s in split] == [s.uid for s in stream[k :: len(FAMILIES)]]
+        assert all(s.family == fam for s in split)
+        uids = {s.uid for s in split}
+        assert not uids & training and not uids & {s.uid for s in test_split(fam, 200, size)}
+
+
+def test_evaluate_names_a_bad_split(tmp_path):
+    from tokengine.train import evaluate_test
+
+    with pytest.raises(ValueError, match="split must be 'test' or 'val', got 'train'"):
+        evaluate_test(tmp_path, "fusion", 1, split="train")
+
+
 def test_worker_made_batches_are_the_stream_in_order():
     """Stage a's and b's batches from two DataLoader workers equal those made in-process, and
     both are the training stream's samples, in order (a short last batch included)."""
