@@ -292,3 +292,26 @@ def test_train_cli_names_the_bad_argument(flags, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--output", "unused", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_select_by_validation_scores_every_candidate_and_breaks_ties_to_the_first(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    shipped = shipped_path("tokengine-tiny")
+    if not (shipped / "model.safetensors").is_file():
+        pytest.skip("tokengine-tiny is not shipped in this checkout")
+    older, newer = tmp_path / "older", tmp_path / "newer"
+    for d in (older, newer):
+        shutil.copytree(shipped, d)
+    script = Path(__file__).parents[1] / "bench" / "select_by_validation.py"
+    cmd = [sys.executable, str(script), "--per-family", "1", "--json", str(tmp_path / "s.json")]
+    res = subprocess.run([*cmd, str(older), str(newer)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["scores"][str(older)] == report["scores"][str(newer)]  # the same weights
+    assert report["best"] == str(older)
+    assert "| older | " in res.stdout and "| newer | " in res.stdout
+    bad = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a model directory" in bad.stderr
