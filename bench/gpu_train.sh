@@ -10,7 +10,7 @@
 #   A-noq   fusion-noq, seed 0, stage c on cache A                 <- the question-free pair
 #   A-b64   fusion, seed 0, batch 64 (the CPU recipe's), cache A   <- batch size vs steps
 # Each model directory (with its log) comes back as a .tgz under $OUT; score them on the test
-# split where they land (python -m tokengine.eval / train.evaluate_test), not on the device.
+# split where they land (python -m tokengine.eval / train.evaluate_split), not on the device.
 OUT=${OUT:-runs/gpu-train}
 R=/tmp/gpu-train  # caches (GiBs) stay on the machine
 VISION_MIN=${VISION_MIN:-2}

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tokengine.data.synthetic import FAMILIES
-from tokengine.train import evaluate_test
+from tokengine.train import evaluate_split
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     print("|---|" + "---|" * (len(FAMILIES) + 2))
     for d in args.dirs:
         t = time.perf_counter()
-        s = evaluate_test(d, args.reducer, args.tokens, args.per_family, split="val")
+        s = evaluate_split(d, args.reducer, args.tokens, args.per_family, split="val")
         scores[str(d)] = s
         cells = " | ".join(f"{s[f]:.3f}" for f in [*FAMILIES, "mean"])
         print(f"| {d.name} | {cells} | {time.perf_counter() - t:.0f} |", flush=True)
@@ -46,7 +46,7 @@ def main() -> None:
           f"{best}")  # fmt: skip
     if args.json:
         setup = {"per_family": args.per_family, "tokens": args.tokens, "reducer": args.reducer}
-        args.json.write_text(json.dumps({**setup, "scores": scores, "best": best}, indent=1))
+        args.json.write_text(json.dumps({**setup, "scores": scores, "best": best}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -216,10 +216,10 @@ def test_validation_split_is_the_validation_stream_by_family():
 
 
 def test_evaluate_names_a_bad_split(tmp_path):
-    from tokengine.train import evaluate_test
+    from tokengine.train import evaluate_split
 
     with pytest.raises(ValueError, match="split must be 'test' or 'val', got 'train'"):
-        evaluate_test(tmp_path, "fusion", 1, split="train")
+        evaluate_split(tmp_path, "fusion", 1, split="train")
 
 
 def test_worker_made_batches_are_the_stream_in_order():
