@@ -294,7 +294,7 @@ def test_train_cli_names_the_bad_argument(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_select_by_validation_scores_every_candidate_and_breaks_ties_to_the_first(tmp_path):
+def test_select_by_validation_picks_the_highest_and_breaks_ties_to_the_first(tmp_path):
     import shutil
     import subprocess
     import sys
@@ -302,16 +302,20 @@ def test_select_by_validation_scores_every_candidate_and_breaks_ties_to_the_firs
     shipped = shipped_path("tokengine-tiny")
     if not (shipped / "model.safetensors").is_file():
         pytest.skip("tokengine-tiny is not shipped in this checkout")
-    older, newer = tmp_path / "older", tmp_path / "newer"
+    untrained, older, newer = tmp_path / "untrained", tmp_path / "older", tmp_path / "newer"
+    random_tiny(0).save_pretrained(untrained)
     for d in (older, newer):
         shutil.copytree(shipped, d)
     script = Path(__file__).parents[1] / "bench" / "select_by_validation.py"
     cmd = [sys.executable, str(script), "--per-family", "1", "--json", str(tmp_path / "s.json")]
-    res = subprocess.run([*cmd, str(older), str(newer)], capture_output=True, text=True)
+    res = subprocess.run(
+        [*cmd, str(untrained), str(older), str(newer)], capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "s.json").read_text())
-    assert report["scores"][str(older)] == report["scores"][str(newer)]  # the same weights
+    scores = {Path(d).name: s["mean"] for d, s in report["scores"].items()}
+    assert scores["older"] == scores["newer"] > scores["untrained"]  # the same trained weights
     assert report["best"] == str(older)
-    assert "| older | " in res.stdout and "| newer | " in res.stdout
+    assert all(f"| {name} | " in res.stdout for name in scores)
     bad = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "is not a model directory" in bad.stderr
