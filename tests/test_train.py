@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from itertools import islice
 from pathlib import Path
 
@@ -135,11 +136,14 @@ def test_train_cli_continues_a_model_and_scores_it_afterwards(tmp_path):
     assert cached.keys() == trained.keys()
     assert all(torch.equal(cached[k], trained[k]) for k in trained)
 
+    (second / "train.log").write_bytes(b"x" * 2**23)  # a log copied in: not the checkpoint
     scored = main(["--output", str(second), "--test-only", "--test-per-family", "2"])
     assert set(scored["test"]) == {"fusion@576", "pool-avg@576", "fusion@1", "pool-avg@1"}
     card = (second / "MODEL_CARD.md").read_text()
     assert "Test split scored afterwards with `python -m tokengine.train --output" in card
     assert "mean >= 0.70 at N_l=576" in card
+    on_disk = float(re.search(r"; ([0-9.]+) MiB on disk", card).group(1))
+    assert 0 < on_disk < 8
     assert json.loads((second / "training.json").read_text())["test"] == scored["test"]
     with pytest.raises(SystemExit, match="training.json"):
         main(["--output", str(tmp_path / "nothing"), "--test-only"])

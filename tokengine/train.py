@@ -890,7 +890,9 @@ def score_test(out: Path, variant: str, per_family: int, log) -> dict[str, dict]
 def write_card(out: Path, summary: dict, vlm: VLM) -> None:
     """training.json and MODEL_CARD.md of the model in ``out``."""
     (out / LOG_FILE).write_text(json.dumps(summary, indent=1) + "\n")
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != STATE_FILE)
+    # the checkpoint's own files: not the resume state, nor logs copied in beside it
+    size = sum(f.stat().st_size for f in out.iterdir()
+               if f.is_file() and f.name != STATE_FILE and f.suffix != ".log")  # fmt: skip
     (out / "MODEL_CARD.md").write_text(model_card(summary, vlm, size, out.resolve().name))
 
 
