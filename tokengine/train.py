@@ -43,8 +43,8 @@ stage c, then the test split)::
 That recipe scored 0.48-0.56 on the test split. The shipped checkpoints come from the same code
 on a GPU (``--device cuda --workers 6``: 3.3 times the stage-a images and 4.6 times the stage-c
 samples in 11 minutes), by ``bench/gpu_train.sh`` and ``bench/gpu_continue.sh``, and
-tokengine-tiny from four more continuations (``--init``) on the CPU and a fifth on the GPU, the
-last four drawing the families it had not learned more often (``--family-weights``); their model
+tokengine-tiny from six more continuations (``--init``), five on the CPU and one on the GPU, the
+last five drawing the families it had not learned more often (``--family-weights``); their model
 cards give the commands. ``--test-only`` scores such a model on the test split afterwards.
 
 Each writes MODEL_CARD.md with its command, times and validation and test-split scores.
