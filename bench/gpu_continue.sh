@@ -26,19 +26,16 @@ WORKERS=${WORKERS:-$(shm_workers 4)}
 
 step "continue $*: stage c ${STAGE_C_MIN} min at lr ${LR}, family weights '${FAMILY_WEIGHTS}'"
 deadline=$((SECONDS + $(python3 -c "print(int(60 * $STAGE_C_MIN) + 100)")))
-# MODEL_DIR[:CACHE[:SEED]] -> NAME-cont, or NAME-cont-seedSEED where a SEED is given
-run_name() {
-  IFS=: read -r dir _ run_seed <<< "$1"
-  echo "$(basename "$dir")-cont${run_seed:+-seed$run_seed}"
-}
 pids=()
+names=()
 builders=" "
 for arg in "$@"; do
   IFS=: read -r dir cache_name run_seed <<< "$arg"
   cache=$R/cache-${cache_name:-$(basename "$dir")}
   read -r variant seed < <(python3 -c "import json; s = json.load(open('$dir/training.json'))
 print(s['variant'], s['seed'])")
-  name=$(run_name "$arg")
+  name=$(basename "$dir")-cont${run_seed:+-seed$run_seed}
+  names+=("$name")
   seed=${run_seed:-$seed}
   if [[ $builders == *" $cache "* ]]; then  # another run builds this cache: wait for it
     while [ ! -f "$cache/meta.json" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
@@ -55,8 +52,7 @@ done
 wait "${pids[@]}"
 
 step "results"
-for arg in "$@"; do
-  name=$(run_name "$arg")
+for name in "${names[@]}"; do
   grep -a "stage b:\|final val\|Error" "$R/$name.log" | cut -c1-300
   cp "$R/$name.log" "$R/$name/" 2>/dev/null
   tar -C "$R" -czf "$OUT/$name.tgz" --exclude train_state.pt "$name"
