@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Train tokengine-tiny on a lent GPU, through the device tool, from the repo root:
-#   bash bench/gpu_train.sh      (VISION_MIN, STAGE_C_MIN, CACHE_SAMPLES, DEVICE override; with
-#   DEVICE=cpu and tiny budgets the script itself can be tried on a CPU)
+#   bash bench/gpu_train.sh      (VISION_MIN, STAGE_C_MIN, CACHE_SAMPLES, RUNS, FAMILY_WEIGHTS,
+#   DEVICE override; with DEVICE=cpu and tiny budgets the script itself can be tried on a CPU)
 # Uses the machine's own python3 (no network there), like bench/gpu_run.sh. After a smoke run of
-# every stage on CUDA, five runs of `python -m tokengine.train --device cuda` share the one GPU:
+# every stage on CUDA, the runs named in RUNS (default: the first five below) of
+# `python -m tokengine.train --device cuda` share the one GPU:
 #   A       fusion, seed 0, stages a + b + c (builds cache A)      <- the candidate to ship
-#   B       the same command with its own cache B                  <- a from-scratch rerun
+#   B, C, D the same command, each with its own cache              <- from-scratch reruns
 #   A-seed1 fusion, seed 1, stage c on cache A                     <- another seed
 #   A-noq   fusion-noq, seed 0, stage c on cache A                 <- the question-free pair
 #   A-b64   fusion, seed 0, batch 64 (the CPU recipe's), cache A   <- batch size vs steps
+# FAMILY_WEIGHTS (e.g. counting=2,spatial=6,text=2,chart=2) is passed to every run's stage c.
 # Each model directory (with its log) comes back as a .tgz under $OUT; score them on the test
 # split where they land (python -m tokengine.eval / train.evaluate_split), not on the device.
 OUT=${OUT:-runs/gpu-train}
@@ -17,8 +19,17 @@ VISION_MIN=${VISION_MIN:-2}
 STAGE_C_MIN=${STAGE_C_MIN:-4}
 CACHE_SAMPLES=${CACHE_SAMPLES:-100000}
 DEVICE=${DEVICE:-cuda}
+RUNS=${RUNS:-A B A-seed1 A-noq A-b64}
+FAMILY_WEIGHTS=${FAMILY_WEIGHTS:-}
 mkdir -p "$R"
 source bench/gpu_env.sh
+for name in $RUNS; do  # the runs on cache A need A to build it
+  case $name in
+    A | B | C | D) ;;
+    A-seed1 | A-noq | A-b64) [[ " $RUNS " == *" A "* ]] || { echo "RUNS: $name needs A"; exit 2; } ;;
+    *) echo "RUNS: unknown run $name (A B C D A-seed1 A-noq A-b64)"; exit 2 ;;
+  esac
+done
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -36,10 +47,11 @@ timeout 150 python3 -m tokengine.train --device "$DEVICE" --workers "$WORKERS" -
   > "$OUT/smoke.log" 2>&1 || { tail -40 "$OUT/smoke.log"; exit 1; }
 grep -a "stage\|final\|done" "$OUT/smoke.log"
 
-step "train: stage a ${VISION_MIN} min, ${CACHE_SAMPLES} cached grids, stage c ${STAGE_C_MIN} min"
+step "train $RUNS: stage a ${VISION_MIN} min, ${CACHE_SAMPLES} cached grids, stage c ${STAGE_C_MIN} min, family weights '${FAMILY_WEIGHTS}'"
 common=(--device "$DEVICE" --workers "$WORKERS" --threads 2 --tokens 1,1,4,4,16,16,64,64,144,256,576
   --vision-minutes "$VISION_MIN" --vision-batch-size 128 --cache-samples "$CACHE_SAMPLES"
-  --minutes "$STAGE_C_MIN" --batch-size 256 --val-every 1 --save-every 2000)
+  --minutes "$STAGE_C_MIN" --batch-size 256 --val-every 1 --save-every 2000
+  ${FAMILY_WEIGHTS:+--family-weights "$FAMILY_WEIGHTS"})
 # every run ends by one deadline, so that the models and logs are packed before the call's limit
 deadline=$((SECONDS + $(python3 -c "print(int(60 * ($VISION_MIN + $STAGE_C_MIN)) + 100)")))
 train() {
@@ -50,18 +62,25 @@ train() {
   echo "[${SECONDS}s] $name exited $?"
 }
 pids=()
-train A --variant fusion --cache "$R/cacheA" --seed 0 "${common[@]}" &
-pids+=($!)
-train B --variant fusion --cache "$R/cacheB" --seed 0 "${common[@]}" &
-pids+=($!)
-while [ ! -f "$R/cacheA/meta.json" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
-step "cache A ready"
-train A-seed1 --variant fusion --cache "$R/cacheA" --seed 1 "${common[@]}" &
-pids+=($!)
-train A-noq --variant fusion-noq --cache "$R/cacheA" --seed 0 "${common[@]}" &
-pids+=($!)
-train A-b64 --variant fusion --cache "$R/cacheA" --seed 0 "${common[@]}" --batch-size 64 &
-pids+=($!)
+for name in $RUNS; do  # the from-scratch runs first: A builds cache A, the others wait for it
+  case $name in A | B | C | D) ;; *) continue ;; esac
+  train "$name" --variant fusion --cache "$R/cache$name" --seed 0 "${common[@]}" &
+  pids+=($!)
+done
+if [[ " $RUNS " == *" A-"* ]]; then
+  while [ ! -f "$R/cacheA/meta.json" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
+  step "cache A ready"
+fi
+for name in $RUNS; do
+  case $name in
+    A-seed1) train "$name" --variant fusion --cache "$R/cacheA" --seed 1 "${common[@]}" & ;;
+    A-noq) train "$name" --variant fusion-noq --cache "$R/cacheA" --seed 0 "${common[@]}" & ;;
+    A-b64) train "$name" --variant fusion --cache "$R/cacheA" --seed 0 "${common[@]}" \
+      --batch-size 64 & ;;
+    *) continue ;;
+  esac
+  pids+=($!)
+done
 (while sleep 30; do
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null; done) &
 sampler=$!
@@ -69,7 +88,7 @@ wait "${pids[@]}"
 kill "$sampler"
 
 step "results"
-for name in A B A-seed1 A-noq A-b64; do
+for name in $RUNS; do
   grep -a "stage a:\|stage b:\|final val\|Error\|error" "$R/$name.log" | cut -c1-400
   cp "$R/$name.log" "$R/$name/" 2>/dev/null
   cp "$R/cache${name:0:1}/meta.json" "$R/$name/cache_meta.json" 2>/dev/null
