@@ -44,6 +44,7 @@ class SwappedTokens(nn.Module):
     def __init__(self, reducer: nn.Module) -> None:
         super().__init__()
         self.reducer = reducer
+        self.config = reducer.config  # the Engine checks N_l against its queries
         self.part: str | None = None
         self.donor: torch.Tensor | None = None  # (B,) row indices
 

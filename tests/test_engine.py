@@ -265,6 +265,20 @@ def test_bad_input_is_rejected(vlm, kwargs, error, match):
         Engine(vlm).generate(args.pop("images"), args.pop("questions"), **args)
 
 
+def test_a_bad_request_is_refused_before_any_work(vlm):
+    engine = Engine(vlm)
+    assert engine.check_tokens(None, "none") == 576
+    assert engine.check_tokens(None, "fusion") == 576
+    assert engine.check_tokens(64, "pool-avg") == 64
+    with pytest.raises(TypeError, match="tokens must be an int or None"):
+        engine.check_tokens(True, "fusion")
+    with pytest.raises(ValueError, match="tokens must be in 1..576"):
+        engine.check_tokens(0, "pool-question")
+    # the image would fail to load: the tokens are refused first
+    with pytest.raises(ValueError, match="tokens must be in 1..576"):
+        engine.generate(["/nowhere/image.png"], QUESTIONS[:1], tokens=577, reducer="fusion")
+
+
 def test_fusion_needs_trained_weights(vlm):
     reducer, vlm.reducer = vlm.reducer, None
     try:

@@ -80,6 +80,8 @@ def test_eval_vlmevalkit_tsv(tmp_path):
         (["--tasks", "nonsense"], ValueError, "unknown task"),
         (["--tasks", "/nowhere/MME.tsv"], FileNotFoundError, "MME.tsv"),
         (["--model", "/nowhere/model"], FileNotFoundError, "neither a shipped model"),
+        (["--tokens", "577"], ValueError, "tokens must be in 1..576"),
+        (["--tokens", "64", "--reducer", "none"], ValueError, "keeps all 576 tokens"),
     ],
 )
 def test_eval_errors(argv, error, match, tmp_path):
@@ -104,6 +106,19 @@ def test_eval_cli_reports_errors_cleanly(tmp_path):
         text=True,
     )
     assert res.returncode != 0 and "error: unknown task" in res.stderr
+
+
+def test_generate_cli_reports_errors_cleanly():
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "tokengine.generate", "--image", "/nowhere/scene.png",
+         "--question", "What colour is it?", "--tokens", "16"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert res.returncode == 1 and res.stderr.startswith("error: image file")
 
 
 def test_generate_cli_answers_one_question(tmp_path, capsys):

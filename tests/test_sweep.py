@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tokengine import sweep
 
 ARGS = [
@@ -61,6 +63,14 @@ def test_killed_sweep_resumes_with_the_same_results(tmp_path):
         (t, r) for t in ("synth/existence", "synth/colour") for r in ("pool-avg", "fusion")
     }
     assert (resumed_dir / "sweep.png").stat().st_size > 0
+
+
+def test_every_point_is_checked_before_the_first_runs(tmp_path):
+    argv = [*ARGS, "--output", str(tmp_path)]
+    argv[argv.index("1,16")] = "1,577"
+    with pytest.raises(ValueError, match="tokens must be in 1..576"):
+        sweep.main(argv)
+    assert not (tmp_path / sweep.POINTS_FILE).exists()
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path):

@@ -30,6 +30,8 @@ def test_donors_stay_in_their_batch_and_form():
 class Fixed(nn.Module):
     """A reducer whose tokens are their (row, position) coordinates."""
 
+    config = None
+
     def forward(self, image, tokens, question=None, cu_seqlens=None):
         rows = torch.arange(image.shape[0], dtype=torch.float32)[:, None].expand(-1, tokens)
         cols = torch.arange(tokens, dtype=torch.float32)[None].expand(image.shape[0], -1)
@@ -57,3 +59,21 @@ def test_cli_needs_two_tokens():
     res = subprocess.run([sys.executable, str(SCRIPT), "--tokens", "1"], capture_output=True,
                          text=True)  # fmt: skip
     assert res.returncode == 2 and "--tokens must be >= 2" in res.stderr
+
+
+def test_swap_test_runs_through_the_engine():
+    from tokengine.data.synthetic import normalize_answer, test_split
+    from tokengine.engine import Engine
+    from tokengine.models.tiny import IMAGE_SIZE, random_tiny
+
+    tu = load_script()
+    engine = Engine(random_tiny(seed=0))
+    samples = test_split("chart", 6, IMAGE_SIZE)
+    plain = engine.generate([s.image for s in samples], [s.question for s in samples],
+                            tokens=16, reducer="fusion", max_new_tokens=4)  # fmt: skip
+    engine.vlm.reducer = tu.SwappedTokens(engine.vlm.reducer)
+    r = tu.swap_test(engine, "chart", "fusion", tokens=16, per_family=6, batch_size=3)
+    made = [normalize_answer("chart", t) for t in plain.texts]
+    assert r["as made"] == sum(m == s.answer for m, s in zip(made, samples, strict=True)) / 6
+    assert r["n"] == 6 and 0 <= r["pairs_differ"] <= 6
+    assert engine.vlm.reducer.part is None  # left as made

@@ -287,6 +287,10 @@ def test_stage_c_lr_warms_up_holds_then_decays():
         (["--decay-start", "1"], "--decay-start must be in [0, 1)"),
         (["--family-weights", "text=0"], "--family-weights: expected FAMILY=N"),
         (["--family-weights", "texts=2"], "got 'texts=2'"),
+        (["--tokens", "1,0"], "--tokens: each N_l must be in 1..576, got 0"),
+        (["--tokens", "577"], "--tokens: each N_l must be in 1..576, got 577"),
+        (["--tokens", "1,x"], "--tokens: expected comma-separated integers, got '1,x'"),
+        (["--tokens", "575"], "tokens=575 needs a 23x25 output grid"),  # pooled batches
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]),
 )
@@ -296,6 +300,14 @@ def test_train_cli_names_the_bad_argument(flags, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--output", "unused", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_train_tokens_need_not_pool_without_pooled_batches():
+    from tokengine.train import parse_args, parse_tokens
+
+    args = parse_args(["--output", "unused", "--tokens", "575,1", "--pool-share", "0"])
+    assert parse_tokens(args.tokens, pool=False) == [575, 1]
+    assert parse_tokens(None, pool=True) == [1, 4, 16, 64, 144, 256, 576]
 
 
 def test_select_by_validation_picks_the_highest_and_breaks_ties_to_the_first(tmp_path):

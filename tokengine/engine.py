@@ -18,7 +18,8 @@ import torch
 
 from tokengine.models import VLM
 from tokengine.models.preprocess import preprocess_images
-from tokengine.models.reducer import REDUCERS, question_guided_scores, reduce_tokens
+from tokengine.models.reducer import REDUCERS, TRAINED, question_guided_scores, reduce_tokens
+from tokengine.validation import pool_grid, pool_tokens
 
 LLAVA_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 IMAGE_TOKEN = "<image>"
@@ -116,6 +117,39 @@ class Engine:
     def device(self) -> torch.device:
         return next(self.vlm.parameters()).device
 
+    def check_tokens(self, tokens: int | None, reducer: str) -> int:
+        """The N_l that :meth:`generate` with these ``tokens`` and ``reducer`` hands the LM.
+
+        Raises the error generation would raise (ValueError, or TypeError for a non-int
+        ``tokens``) without running anything, so that a CLI can refuse a bad request before
+        it loads data or spends time on other points.
+        """
+        if reducer not in REDUCERS:
+            raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
+        n = self.vlm.config.num_image_tokens
+        if tokens is None:
+            tokens = n
+        if not isinstance(tokens, int) or isinstance(tokens, bool):
+            raise TypeError(f"tokens must be an int or None, got {tokens!r}")
+        if not 1 <= tokens <= n:
+            raise ValueError(f"tokens must be in 1..{n} (this model's image tokens), got {tokens}")
+        if reducer == "none" and tokens != n:
+            raise ValueError(f"reducer 'none' keeps all {n} tokens; got tokens={tokens}")
+        if reducer in ("pool-avg", "pool-max"):
+            pool_tokens(tokens, pool_grid(None, n), "avg", n)
+        if reducer in TRAINED:
+            if self.vlm.reducer is None:
+                raise ValueError(
+                    f"reducer {reducer!r} needs trained fusion weights; this model has none"
+                )
+            queries = self.vlm.reducer.config.num_queries
+            if tokens > queries:
+                raise ValueError(
+                    f"tokens must be in 1..{queries} (the fusion reducer's learned queries), "
+                    f"got {tokens}"
+                )
+        return tokens
+
     def generate(
         self,
         images: Sequence,
@@ -150,8 +184,7 @@ class Engine:
             )
         if not all(isinstance(q, str) for q in questions):
             raise TypeError("questions must be strings")
-        if reducer not in REDUCERS:
-            raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
+        self.check_tokens(tokens, reducer)
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be >= 1")
         if self.device.type == "cuda":

@@ -276,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.tokens is not None and args.tokens < 1:
+        p.error(f"--tokens must be >= 1, got {args.tokens}")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be >= 1")
     if args.batch_size < 1:
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     engine = Engine(vlm)
     reducer = args.reducer or default_reducer(vlm, args.tokens)
+    engine.check_tokens(args.tokens, reducer)
     tasks = load_tasks(args.tasks, vlm.config.vision.image_size, args.limit)
     print(
         f"model: {model_desc}\nreducer: {reducer}  tokens: {args.tokens or 'all'}  device: "

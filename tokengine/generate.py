@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     vlm, model_desc, _ = load_model(args.model, DTYPES[args.dtype], args.device, seed=0)
     engine = Engine(vlm)
     reducer = args.reducer or default_reducer(vlm, args.tokens)
+    engine.check_tokens(args.tokens, reducer)
     res = engine.generate(
         [args.image],
         [args.question],
@@ -60,4 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        sys.exit(f"error: {e}")

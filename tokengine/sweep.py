@@ -153,17 +153,19 @@ def run_points(args: argparse.Namespace, rank: int) -> list[dict]:
     if args.max_points is not None:
         todo = todo[: args.max_points]
     engines: dict[str, tuple[Engine, str]] = {}
-    tasks = None
-    for reducer, tokens in todo:
+    for reducer, tokens in todo:  # every point is checked before the first one runs
         name = model_for(reducer, args)
         if name not in engines:
             vlm, desc, _ = tk_eval.load_model(
                 name, tk_eval.DTYPES[args.dtype], args.device, args.seed
             )
             engines[name] = (Engine(vlm), desc)
-            if tasks is None:
-                tasks = tk_eval.load_tasks(args.tasks, vlm.config.vision.image_size, args.limit)
-        engine, desc = engines[name]
+        engines[name][0].check_tokens(tokens, reducer)
+    tasks = None
+    for reducer, tokens in todo:
+        engine, desc = engines[model_for(reducer, args)]
+        if tasks is None:
+            tasks = tk_eval.load_tasks(args.tasks, engine.vlm.config.vision.image_size, args.limit)
         results = [
             tk_eval.run_task(
                 engine,

@@ -90,6 +90,7 @@ from tokengine.models import VLM
 from tokengine.models.preprocess import preprocess_images
 from tokengine.models.reducer import packed_segment_ids, reduce_tokens
 from tokengine.models.tiny import EOS_ID, IMAGE_ID, IMAGE_SIZE, PAD_ID, random_tiny
+from tokengine.validation import pool_tokens
 
 TOKENS = (1, 4, 16, 64, 144, 256, 576)
 VAL_TOKENS = (1, 16, 144, 576)
@@ -504,6 +505,27 @@ def load_features(path: Path, device: torch.device, chunk: int = 4096) -> torch.
     return out
 
 
+def parse_tokens(text: str | None, pool: bool) -> list[int]:
+    """``"1,1,4,576"`` -> the N_l that stage c draws from (default: :data:`TOKENS`); each must
+    be in 1..576 and, when some batches are pooled (``pool``), reachable by grid pooling."""
+    if not text:
+        return list(TOKENS)
+    try:
+        tokens = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--tokens: expected comma-separated integers, got {text!r}") from None
+    for t in tokens:
+        if not 1 <= t <= GRID * GRID:
+            raise ValueError(f"--tokens: each N_l must be in 1..{GRID * GRID}, got {t}")
+        if pool:
+            try:
+                pool_tokens(t, (GRID, GRID), "avg", GRID * GRID)
+            except ValueError as exc:
+                msg = f"--tokens (pooled in --pool-share of the batches): {exc}"
+                raise ValueError(msg) from None
+    return tokens
+
+
 def parse_family_weights(text: str | None) -> dict[str, int]:
     """``"counting=2,text=3"`` -> a weight for every family (1 where not named)."""
     weights = dict.fromkeys(FAMILIES, 1)
@@ -555,7 +577,7 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
         torch.set_rng_state(st["torch_rng"])
         log(f"resumed at step {step} ({spent:.0f} s spent)")
     budget = args.minutes * 60
-    token_choices = [int(t) for t in args.tokens.split(",")] if args.tokens else list(TOKENS)
+    token_choices = parse_tokens(args.tokens, args.pool_share > 0)
     min_batch = args.min_batch or max(1, args.batch_size // 8)
     bar = tqdm(desc=f"c: {args.variant}", unit="step", file=sys.stdout, mininterval=5)
     bar.update(step)
@@ -844,6 +866,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--workers must be >= 0, got {args.workers}")
     try:
         args.family_weights = parse_family_weights(args.family_weights)
+        parse_tokens(args.tokens, args.pool_share > 0)
     except ValueError as exc:
         p.error(str(exc))
     try:
