@@ -108,6 +108,12 @@ def test_eval_cli_reports_errors_cleanly(tmp_path):
     assert res.returncode != 0 and "error: unknown task" in res.stderr
 
 
+def test_eval_cli_names_the_bad_argument(capsys):
+    with pytest.raises(SystemExit):
+        tk_eval.parse_args(["--max-new-tokens", "0"])
+    assert "--max-new-tokens must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_generate_cli_reports_errors_cleanly():
     import subprocess
     import sys

@@ -79,3 +79,8 @@ def test_constant_scores_do_not_overflow_c():
 def test_bad_input(tokens, scores, match):
     with pytest.raises(ValueError, match=match):
         fit_power_law(tokens, scores)
+
+
+def test_needs_a_bootstrap_resample():
+    with pytest.raises(ValueError, match="n_boot must be >= 1, got 0"):
+        fit_power_law([1, 4], [0.5, 0.6], n_boot=0)

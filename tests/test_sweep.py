@@ -73,6 +73,23 @@ def test_every_point_is_checked_before_the_first_runs(tmp_path):
     assert not (tmp_path / sweep.POINTS_FILE).exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tokens", "4,16,4"], "--tokens names 4 more than once"),
+        (["--reducer", "fusion,pool-avg,fusion"], "--reducer names fusion more than once"),
+        (["--limit", "0"], "--limit must be >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--max-points", "-1"], "--max-points must be >= 0, got -1"),
+        (["--n-boot", "0"], "--n-boot must be >= 1, got 0"),
+    ],
+)
+def test_sweep_cli_names_the_bad_argument(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        sweep.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
 def test_torchrun_two_ranks_match_one_process(tmp_path):
     single = sweep.main([*ARGS, "--output", str(tmp_path / "one")])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}

@@ -291,6 +291,11 @@ def test_stage_c_lr_warms_up_holds_then_decays():
         (["--tokens", "577"], "--tokens: each N_l must be in 1..576, got 577"),
         (["--tokens", "1,x"], "--tokens: expected comma-separated integers, got '1,x'"),
         (["--tokens", "575"], "tokens=575 needs a 23x25 output grid"),  # pooled batches
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--warmup", "0"], "--warmup must be >= 1, got 0"),
+        (["--minutes", "-1"], "--minutes must be >= 0, got -1.0"),
+        (["--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["--pool-share", "1.5"], "--pool-share must be in [0, 1], got 1.5"),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]),
 )

@@ -282,6 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--limit must be >= 1")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return args
 
 

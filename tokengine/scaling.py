@@ -87,6 +87,8 @@ def fit_power_law(
         raise ValueError("tokens and scores must be > 0 to fit in log-log space")
     if len(np.unique(n)) < 2:
         raise ValueError("need at least two distinct token counts to fit a power law")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     logn, logs = np.log(n), np.log(s)
     intercept, gamma, r2 = _ols(logn, logs)
 

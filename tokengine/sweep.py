@@ -94,6 +94,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [r for r in args.reducer if r not in REDUCERS]
     if bad:
         p.error(f"unknown reducer(s) {bad}; choose from {', '.join(REDUCERS)}")
+    for flag, values in (("--tokens", args.tokens), ("--reducer", args.reducer)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            p.error(f"{flag} names {', '.join(twice)} more than once")
+    for flag, value, least in (
+        ("--limit", args.limit, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--max-points", args.max_points, 0),
+        ("--n-boot", args.n_boot, 1),
+    ):
+        if value is not None and value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
     return args
 
 

@@ -862,8 +862,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.decay_start < 1:
         p.error(f"--decay-start must be in [0, 1), got {args.decay_start}")
-    if args.workers < 0:
-        p.error(f"--workers must be >= 0, got {args.workers}")
+    if not 0 <= args.pool_share <= 1:
+        p.error(f"--pool-share must be in [0, 1], got {args.pool_share}")
+    at_least = {  # flag: the smallest value that means something
+        "minutes": 0, "steps": 0, "vision_minutes": 0, "vision_steps": 0, "min_batch": 0,
+        "probe_weight": 0, "val_every": 0, "save_every": 0, "workers": 0,
+        "vision_batch_size": 1, "cache_samples": 1, "val_samples": 1, "batch_size": 1,
+        "warmup": 1, "threads": 1, "test_per_family": 1,
+    }  # fmt: skip
+    for name, least in at_least.items():
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    for name in ("lr", "vision_lr"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     try:
         args.family_weights = parse_family_weights(args.family_weights)
         parse_tokens(args.tokens, args.pool_share > 0)
