@@ -296,6 +296,7 @@ def test_stage_c_lr_warms_up_holds_then_decays():
         (["--minutes", "-1"], "--minutes must be >= 0, got -1.0"),
         (["--lr", "0"], "--lr must be > 0, got 0.0"),
         (["--pool-share", "1.5"], "--pool-share must be in [0, 1], got 1.5"),
+        (["--init", "/nowhere/model"], "--init /nowhere/model is not a model directory"),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]),
 )

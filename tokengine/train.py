@@ -576,6 +576,8 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
         rng.setstate(st["rng"])
         torch.set_rng_state(st["torch_rng"])
         log(f"resumed at step {step} ({spent:.0f} s spent)")
+    elif args.resume:
+        log(f"--resume: no {STATE_FILE} in {out} yet, so stage c starts at step 0")
     budget = args.minutes * 60
     token_choices = parse_tokens(args.tokens, args.pool_share > 0)
     min_batch = args.min_batch or max(1, args.batch_size // 8)
@@ -862,6 +864,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.decay_start < 1:
         p.error(f"--decay-start must be in [0, 1), got {args.decay_start}")
+    if args.init and not (Path(args.init) / "config.json").is_file():
+        p.error(f"--init {args.init} is not a model directory (no config.json)")
     if not 0 <= args.pool_share <= 1:
         p.error(f"--pool-share must be in [0, 1], got {args.pool_share}")
     at_least = {  # flag: the smallest value that means something
