@@ -23,7 +23,10 @@ c. **Reducer + projector + LM** (``--minutes`` or ``--steps``) on the cached gri
 
 Validation runs on a held-out slice of the training stream (another stream seed, never the
 test split); ``--eval-test`` then scores the saved model on the fixed test split with the
-Engine. State is saved every ``--save-every`` steps; ``--resume`` continues from it.
+Engine. State is saved every ``--save-every`` steps; ``--resume`` continues from it. On the CPU,
+a run with ``--steps``, ``--vision-steps`` and a fixed ``--threads`` is deterministic (a resumed
+run ends with the same weights as an uninterrupted one); ``--minutes`` budgets and GPU runs are
+not.
 
 On this repository's 2-core CPU (torch 2.13, nothing else running), stages a + b take 24 min
 (20 min of dense vision training, then 40,000 cached grids; shared by both variants; stage c
