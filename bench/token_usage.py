@@ -118,7 +118,6 @@ def main() -> None:
         p.error(f"--tokens must be >= 2 (a first token and the rest), got {args.tokens}")
     if args.batch_size < 2:
         p.error(f"--batch-size must be >= 2 (a donor in every batch), got {args.batch_size}")
-    torch.manual_seed(0)
     shipped = args.model in tiny.available_models()
     engine = Engine.from_pretrained(tiny.shipped_path(args.model) if shipped else args.model)
     if engine.vlm.reducer is None:
