@@ -44,9 +44,11 @@ class SwappedTokens(nn.Module):
     def __init__(self, reducer: nn.Module) -> None:
         super().__init__()
         self.reducer = reducer
-        self.config = reducer.config  # the Engine checks N_l against its queries
         self.part: str | None = None
         self.donor: torch.Tensor | None = None  # (B,) row indices
+
+    def check_tokens(self, tokens: int) -> None:
+        self.reducer.check_tokens(tokens)  # the Engine asks before it generates
 
     def forward(self, image, tokens, question=None, cu_seqlens=None) -> torch.Tensor:
         out = self.reducer(image, tokens, question, cu_seqlens)

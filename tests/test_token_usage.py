@@ -30,8 +30,6 @@ def test_donors_stay_in_their_batch_and_form():
 class Fixed(nn.Module):
     """A reducer whose tokens are their (row, position) coordinates."""
 
-    config = None
-
     def forward(self, image, tokens, question=None, cu_seqlens=None):
         rows = torch.arange(image.shape[0], dtype=torch.float32)[:, None].expand(-1, tokens)
         cols = torch.arange(tokens, dtype=torch.float32)[None].expand(image.shape[0], -1)

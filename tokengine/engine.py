@@ -18,8 +18,11 @@ import torch
 
 from tokengine.models import VLM
 from tokengine.models.preprocess import preprocess_images
-from tokengine.models.reducer import REDUCERS, TRAINED, question_guided_scores, reduce_tokens
-from tokengine.validation import pool_grid, pool_tokens
+from tokengine.models.reducer import (
+    check_reduction,
+    question_guided_scores,
+    reduce_tokens,
+)
 
 LLAVA_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 IMAGE_TOKEN = "<image>"
@@ -124,8 +127,6 @@ class Engine:
         ``tokens``) without running anything, so that a CLI can refuse a bad request before
         it loads data or spends time on other points.
         """
-        if reducer not in REDUCERS:
-            raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
         n = self.vlm.config.num_image_tokens
         if tokens is None:
             tokens = n
@@ -133,21 +134,7 @@ class Engine:
             raise TypeError(f"tokens must be an int or None, got {tokens!r}")
         if not 1 <= tokens <= n:
             raise ValueError(f"tokens must be in 1..{n} (this model's image tokens), got {tokens}")
-        if reducer == "none" and tokens != n:
-            raise ValueError(f"reducer 'none' keeps all {n} tokens; got tokens={tokens}")
-        if reducer in ("pool-avg", "pool-max"):
-            pool_tokens(tokens, pool_grid(None, n), "avg", n)
-        if reducer in TRAINED:
-            if self.vlm.reducer is None:
-                raise ValueError(
-                    f"reducer {reducer!r} needs trained fusion weights; this model has none"
-                )
-            queries = self.vlm.reducer.config.num_queries
-            if tokens > queries:
-                raise ValueError(
-                    f"tokens must be in 1..{queries} (the fusion reducer's learned queries), "
-                    f"got {tokens}"
-                )
+        check_reduction(reducer, tokens, n, fusion=self.vlm.reducer)
         return tokens
 
     def generate(

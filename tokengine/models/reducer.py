@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokengine.ops import QCCrossAttention, qc_cross_attention, token_pool
+from tokengine.validation import pool_grid, pool_tokens
 
 REDUCERS = ("none", "pool-avg", "pool-max", "pool-question", "fusion", "fusion-noq")
 TRAINED = ("fusion", "fusion-noq")
@@ -151,6 +152,14 @@ class FusionReducer(nn.Module):
         self.blocks = nn.ModuleList(_FusionBlock(cfg) for _ in range(cfg.num_layers))
         self.norm_out = nn.LayerNorm(cfg.vision_dim)
 
+    def check_tokens(self, tokens: int) -> None:
+        """``tokens`` must be one of the N_l this reducer's learned queries serve."""
+        if not 1 <= tokens <= self.config.num_queries:
+            raise ValueError(
+                f"tokens must be in 1..{self.config.num_queries} (the fusion reducer's "
+                f"learned queries), got {tokens}"
+            )
+
     def forward(
         self,
         image: torch.Tensor,
@@ -159,11 +168,7 @@ class FusionReducer(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """image (B, N, Dv), question (T, text_dim) packed by cu_seqlens -> (B, tokens, Dv)."""
-        if not 1 <= tokens <= self.config.num_queries:
-            raise ValueError(
-                f"tokens must be in 1..{self.config.num_queries} (the fusion reducer's "
-                f"learned queries), got {tokens}"
-            )
+        self.check_tokens(tokens)
         if self.image_pos is not None:
             if image.shape[1] != self.image_pos.shape[0]:
                 raise ValueError(
@@ -218,6 +223,31 @@ def question_guided_scores(
     return scores
 
 
+def check_reduction(
+    reducer: str,
+    tokens: int,
+    n: int,
+    *,
+    grid: tuple[int, int] | None = None,
+    fusion: FusionReducer | None = None,
+) -> None:
+    """Raise the error :func:`reduce_tokens` would raise for reducing ``n`` image tokens (on
+    ``grid``, square if None) to ``tokens`` with ``reducer``, without any tensor."""
+    if reducer not in REDUCERS:
+        raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
+    if reducer == "none" and tokens != n:
+        raise ValueError(f"reducer 'none' keeps all {n} tokens; got tokens={tokens}")
+    if reducer in ("pool-avg", "pool-max", "pool-question"):
+        mode = "topk" if reducer == "pool-question" else "avg"
+        pool_tokens(tokens, pool_grid(grid, n), mode, n)
+    if reducer in TRAINED:
+        if fusion is None:
+            raise ValueError(
+                f"reducer {reducer!r} needs trained fusion weights; this model has none"
+            )
+        fusion.check_tokens(tokens)
+
+
 def reduce_tokens(
     reducer: str,
     image: torch.Tensor,
@@ -235,19 +265,13 @@ def reduce_tokens(
     ``pool-question`` (see :func:`question_guided_scores`), which keeps the top-scoring tokens
     in their original order (top-k, as training-free question-guided pruning does).
     """
-    if reducer not in REDUCERS:
-        raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
-    N = image.shape[1]
+    check_reduction(reducer, tokens, image.shape[1], grid=grid, fusion=fusion)
     if reducer == "none":
-        if tokens != N:
-            raise ValueError(f"reducer 'none' keeps all {N} tokens; got tokens={tokens}")
         return image
     if reducer in ("pool-avg", "pool-max"):
         return token_pool(image, tokens, grid=grid, mode=reducer.removeprefix("pool-"))
     if reducer == "pool-question":
         return token_pool(image, tokens, grid=grid, mode="topk", scores=scores)[0]
-    if fusion is None:
-        raise ValueError(f"reducer {reducer!r} needs trained fusion weights; this model has none")
     if reducer == "fusion-noq":
         question = cu_seqlens = None
     return fusion(image, tokens, question, cu_seqlens)
@@ -256,6 +280,7 @@ def reduce_tokens(
 __all__ = [
     "REDUCERS",
     "FusionConfig",
+    "check_reduction",
     "FusionReducer",
     "question_guided_scores",
     "reduce_tokens",
