@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import bench_script
 from torch import nn
 
 SCRIPT = Path(__file__).parents[1] / "bench" / "token_usage.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("token_usage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_donors_stay_in_their_batch_and_form():
-    tu = load_script()
+    tu = bench_script("token_usage")
     forms = ["a", "b", "a", "a", "b", "a", "c"]  # batches [0..3], [4..6]
     assert tu.donors(forms, 4) == [3, 1, 0, 2, 4, 5, 6]  # 1, 5 and 6 have no other: themselves
     assert tu.donors([None] * 5, 5) == [4, 0, 1, 2, 3]
@@ -37,7 +30,7 @@ class Fixed(nn.Module):
 
 
 def test_swapped_tokens_take_the_named_part_from_the_donor_row():
-    tu = load_script()
+    tu = bench_script("token_usage")
     wrapper = tu.SwappedTokens(Fixed())
     image = torch.zeros(3, 9, 4)
     made = wrapper(image, 5)
@@ -64,7 +57,7 @@ def test_swap_test_runs_through_the_engine():
     from tokengine.engine import Engine
     from tokengine.models.tiny import IMAGE_SIZE, random_tiny
 
-    tu = load_script()
+    tu = bench_script("token_usage")
     engine = Engine(random_tiny(seed=0))
     samples = test_split("chart", 6, IMAGE_SIZE)
     plain = engine.generate([s.image for s in samples], [s.question for s in samples],
