@@ -30,6 +30,7 @@ from torch import nn
 
 from tokengine.data.synthetic import FAMILIES, normalize_answer, test_split
 from tokengine.engine import Engine
+from tokengine.eval import load_model
 from tokengine.models import tiny
 from tokengine.models.tiny import IMAGE_SIZE
 
@@ -120,8 +121,13 @@ def main() -> None:
         p.error(f"--tokens must be >= 2 (a first token and the rest), got {args.tokens}")
     if args.batch_size < 2:
         p.error(f"--batch-size must be >= 2 (a donor in every batch), got {args.batch_size}")
-    shipped = args.model in tiny.available_models()
-    engine = Engine.from_pretrained(tiny.shipped_path(args.model) if shipped else args.model)
+    try:  # the name resolution eval and the sweep use: shipped names, else a directory
+        vlm, _, random_init = load_model(args.model, torch.float32, "cpu", seed=0)
+    except FileNotFoundError as exc:
+        p.error(f"--model: {exc}")
+    if random_init:
+        p.error(f"--model {args.model}: no trained weights are shipped")
+    engine = Engine(vlm)
     if engine.vlm.reducer is None:
         p.error(f"--model {args.model} has no trained reducer to swap the output of")
     engine.vlm.reducer = SwappedTokens(engine.vlm.reducer)
