@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from token_usage import trained_engine  # a script beside this one
 from torch import nn
 
 from tokengine.data.synthetic import FAMILIES, normalize_answer
 from tokengine.engine import Engine
-from tokengine.eval import load_model
 from tokengine.models import tiny
 from tokengine.train import validation_split
 
@@ -125,15 +125,7 @@ def main() -> None:
                         ("--batch-size", args.batch_size)):  # fmt: skip
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
-    try:  # the name resolution eval and the sweep use: shipped names, else a directory
-        vlm, _, random_init = load_model(args.model, torch.float32, "cpu", seed=0)
-    except FileNotFoundError as exc:
-        p.error(f"--model: {exc}")
-    if random_init:
-        p.error(f"--model {args.model}: no trained weights are shipped")
-    engine = Engine(vlm)
-    if engine.vlm.reducer is None:
-        p.error(f"--model {args.model} has no trained reducer to record the output of")
+    engine = trained_engine(p, args.model)
     for n in tokens:
         try:
             engine.check_tokens(n, args.reducer)

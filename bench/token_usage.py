@@ -61,6 +61,18 @@ class SwappedTokens(nn.Module):
         return out
 
 
+def trained_engine(parser: argparse.ArgumentParser, model: str) -> Engine:
+    """The Engine of ``model`` (a shipped name or a directory, found as eval and the sweep find
+    it) when it has trained reducer weights; otherwise a usage error."""
+    try:
+        vlm, _, random_init = load_model(model, torch.float32, "cpu", seed=0)
+    except FileNotFoundError as exc:
+        parser.error(f"--model: {exc}")
+    if random_init or vlm.reducer is None:
+        parser.error(f"--model {model}: no trained reducer weights to look at")
+    return Engine(vlm)
+
+
 def donors(forms: list, batch_size: int) -> list[int]:
     """The donor of each sample when answered in batches of ``batch_size``: the previous sample
     of its batch with the same form (``forms[i]``), cyclically; itself if it is its batch's
@@ -121,15 +133,7 @@ def main() -> None:
         p.error(f"--tokens must be >= 2 (a first token and the rest), got {args.tokens}")
     if args.batch_size < 2:
         p.error(f"--batch-size must be >= 2 (a donor in every batch), got {args.batch_size}")
-    try:  # the name resolution eval and the sweep use: shipped names, else a directory
-        vlm, _, random_init = load_model(args.model, torch.float32, "cpu", seed=0)
-    except FileNotFoundError as exc:
-        p.error(f"--model: {exc}")
-    if random_init:
-        p.error(f"--model {args.model}: no trained weights are shipped")
-    engine = Engine(vlm)
-    if engine.vlm.reducer is None:
-        p.error(f"--model {args.model} has no trained reducer to swap the output of")
+    engine = trained_engine(p, args.model)
     engine.vlm.reducer = SwappedTokens(engine.vlm.reducer)
     t0 = time.perf_counter()
     rows = {}

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -86,8 +87,12 @@ def poisoned_outputs():
 
 
 def bench_script(name: str):
-    """``bench/<name>.py`` (bench/ is not a package) imported as a module."""
-    path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+    """``bench/<name>.py`` (bench/ is not a package) imported as a module, with bench/ on
+    ``sys.path`` as when the script runs, so that it can import the scripts beside it."""
+    bench = Path(__file__).parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))
+    path = bench / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
