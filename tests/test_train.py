@@ -294,6 +294,7 @@ def test_stage_c_lr_warms_up_holds_then_decays():
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--warmup", "0"], "--warmup must be >= 1, got 0"),
         (["--minutes", "-1"], "--minutes must be >= 0, got -1.0"),
+        (["--minutes", "0"], "--minutes must be > 0 when --steps is not given, got 0.0"),
         (["--lr", "0"], "--lr must be > 0, got 0.0"),
         (["--pool-share", "1.5"], "--pool-share must be in [0, 1], got 1.5"),
         (["--init", "/nowhere/model"], "--init /nowhere/model is not a model directory"),
@@ -306,6 +307,16 @@ def test_train_cli_names_the_bad_argument(flags, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--output", "unused", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_train_refuses_a_zero_stage_a_budget_where_stage_a_runs(tmp_path):
+    from tokengine.train import main
+
+    cache = tmp_path / "cache"
+    argv = ["--output", str(tmp_path / "m"), "--cache", str(cache), "--steps", "1"]
+    with pytest.raises(SystemExit, match="--vision-minutes must be > 0 when --vision-steps"):
+        main([*argv, "--vision-minutes", "0"])
+    assert not cache.exists()  # refused before any work
 
 
 def test_train_tokens_need_not_pool_without_pooled_batches():

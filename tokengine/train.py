@@ -255,6 +255,11 @@ def patch_accuracy(vlm: VLM, heads: DenseHeads, samples) -> dict[str, float]:
 
 def train_vision(vlm: VLM, args, log) -> dict:
     """Stage a: dense supervision of the vision tower, for a time or step budget."""
+    if not args.vision_steps and not args.vision_minutes > 0:
+        raise SystemExit(
+            f"--vision-minutes must be > 0 when --vision-steps is not given (stage a runs: no "
+            f"--init and no feature cache yet), got {args.vision_minutes}"
+        )
     dev = model_device(vlm)
     heads = DenseHeads(vlm.config.vision.hidden_size).to(dev)
     params = list(vlm.vision.parameters()) + list(heads.parameters())
@@ -883,6 +888,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("lr", "vision_lr"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    # a time budget of 0 is no budget (it used to divide by zero); stage a's is checked only
+    # where stage a runs (a continued model or a cache already built skip it)
+    if not args.steps and not args.minutes > 0:
+        p.error(f"--minutes must be > 0 when --steps is not given, got {args.minutes}")
     try:
         args.family_weights = parse_family_weights(args.family_weights)
         parse_tokens(args.tokens, args.pool_share > 0)
