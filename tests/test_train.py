@@ -149,6 +149,39 @@ def test_train_cli_continues_a_model_and_scores_it_afterwards(tmp_path):
         main(["--output", str(tmp_path / "nothing"), "--test-only"])
 
 
+def test_train_cli_vision_from_takes_only_the_vit(tmp_path, monkeypatch):
+    """``--vision-from`` skips stage a and caches with the given model's ViT, and stage c starts
+    from the seed's initialisation of everything else (not from that model's)."""
+    import tokengine.train as train
+    from tokengine.models.tiny import random_tiny
+
+    first = tmp_path / "first"
+    small = ["--cache-samples", "16", "--val-samples", "8", "--steps", "1", "--batch-size",
+             "8", "--tokens", "1", "--warmup", "1", "--save-every", "0",
+             "--val-every", "0"]  # fmt: skip
+    train.main(["--output", str(first), "--cache", str(tmp_path / "c1"), "--vision-steps", "2",
+                "--vision-batch-size", "8", "--seed", "1", *small])  # fmt: skip
+    started = {}
+    original = train.train_lm
+
+    def spy(vlm, *args, **kwargs):
+        started.update({k: v.clone() for k, v in vlm.state_dict().items()})
+        return original(vlm, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_lm", spy)
+    summary = train.main(["--output", str(tmp_path / "second"), "--cache", str(tmp_path / "c2"),
+                          "--vision-from", str(first), "--seed", "0", *small])  # fmt: skip
+    assert summary["cache"]["stage_a"] == json.loads((first / "training.json").read_text())[
+        "cache"]["stage_a"]  # fmt: skip
+    lent = VLM.from_pretrained(first).state_dict()
+    fresh = random_tiny(0).state_dict()
+    assert started.keys() == fresh.keys()
+    for name, value in started.items():
+        expected = lent[name] if name.startswith("vision.") else fresh[name]
+        assert torch.equal(value, expected), name
+    assert not torch.equal(lent["reducer.queries"], fresh["reducer.queries"])  # seeds 1 vs 0
+
+
 def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
     tmp_path, monkeypatch
 ):
@@ -298,6 +331,8 @@ def test_stage_c_lr_warms_up_holds_then_decays():
         (["--lr", "0"], "--lr must be > 0, got 0.0"),
         (["--pool-share", "1.5"], "--pool-share must be in [0, 1], got 1.5"),
         (["--init", "/nowhere/model"], "--init /nowhere/model is not a model directory"),
+        (["--vision-from", "/nowhere/model"], "--vision-from /nowhere/model is not a model"),
+        (["--init", "a", "--vision-from", "b"], "not allowed with argument --init"),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]),
 )

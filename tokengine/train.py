@@ -49,6 +49,8 @@ samples in 11 minutes), by ``bench/gpu_train.sh`` and ``bench/gpu_continue.sh``,
 tokengine-tiny from six more continuations (``--init``), five on the CPU and one on the GPU, the
 last five drawing the families it had not learned more often (``--family-weights``); their model
 cards give the commands. ``--test-only`` scores such a model on the test split afterwards.
+``--vision-from DIR`` takes only DIR's ViT (no stage a) and trains the rest from the seed's
+initialisation: stage-c recipes compared on one ViT.
 
 Each writes MODEL_CARD.md with its command, times and validation and test-split scores.
 """
@@ -258,7 +260,7 @@ def train_vision(vlm: VLM, args, log) -> dict:
     if not args.vision_steps and not args.vision_minutes > 0:
         raise SystemExit(
             f"--vision-minutes must be > 0 when --vision-steps is not given (stage a runs: no "
-            f"--init and no feature cache yet), got {args.vision_minutes}"
+            f"--init, no --vision-from and no feature cache yet), got {args.vision_minutes}"
         )
     dev = model_device(vlm)
     heads = DenseHeads(vlm.config.vision.hidden_size).to(dev)
@@ -846,7 +848,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-every", type=float, default=4.0, help="minutes between validations")
     p.add_argument("--save-every", type=int, default=200, help="steps between state saves")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
-    p.add_argument("--init", default=None, help="start stage c from this model directory")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init", default=None, help="start stage c from this model directory")
+    start.add_argument(
+        "--vision-from",
+        default=None,
+        help="take only the ViT of this model directory (no stage a) and train the rest from "
+        "the seed's initialisation: stage-c recipes compared on one ViT",
+    )
     p.add_argument(
         "--tokens",
         default=None,
@@ -872,8 +881,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.decay_start < 1:
         p.error(f"--decay-start must be in [0, 1), got {args.decay_start}")
-    if args.init and not (Path(args.init) / "config.json").is_file():
-        p.error(f"--init {args.init} is not a model directory (no config.json)")
+    for flag, path in (("--init", args.init), ("--vision-from", args.vision_from)):
+        if path and not (Path(path) / "config.json").is_file():
+            p.error(f"{flag} {path} is not a model directory (no config.json)")
     if not 0 <= args.pool_share <= 1:
         p.error(f"--pool-share must be in [0, 1], got {args.pool_share}")
     at_least = {  # flag: the smallest value that means something
@@ -921,7 +931,7 @@ def init_stage_a(init: Path) -> dict:
     """Stage a's record from the training.json of the model at ``init``: its ViT is kept."""
     record = init / LOG_FILE
     if not record.is_file():
-        raise SystemExit(f"--init {init}: no {LOG_FILE} there to say how its ViT was trained")
+        raise SystemExit(f"{init}: no {LOG_FILE} there to say how its ViT was trained")
     return json.loads(record.read_text())["cache"]["stage_a"]
 
 
@@ -974,11 +984,17 @@ def main(argv=None) -> dict:
     if args.init:  # continue from a saved model (fresh optimiser and schedule)
         vlm.load_state_dict(VLM.from_pretrained(args.init).state_dict())
         log(f"initialised from {args.init}")
+    if args.vision_from:  # its ViT; the reducer, projector and LM as initialised above
+        vlm.vision.load_state_dict(VLM.from_pretrained(args.vision_from).vision.state_dict())
+        log(f"ViT from {args.vision_from}")
+    vision_source = args.init or args.vision_from
     # stage c starts from this RNG state whether or not stages a and b run in this process
     stage_c_rng = torch.get_rng_state()
     if not (cache / "meta.json").is_file():
-        # a model to continue brings its trained ViT: cache the grids its stage c learned on
-        stage_a = init_stage_a(Path(args.init)) if args.init else train_vision(vlm, args, log)
+        # a model to continue (or lend its ViT) brings that ViT: cache the grids it makes
+        stage_a = (
+            init_stage_a(Path(vision_source)) if vision_source else train_vision(vlm, args, log)
+        )
         build_cache(vlm, args, cache, stage_a, log)
     else:
         log(f"reusing the feature cache {cache}")
