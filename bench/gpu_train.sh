@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train tokengine-tiny on a lent GPU, through the device tool, from the repo root:
 #   bash bench/gpu_train.sh      (VISION_MIN, STAGE_C_MIN, CACHE_SAMPLES, RUNS, FAMILY_WEIGHTS,
-#   DEVICE override; with DEVICE=cpu and tiny budgets the script itself can be tried on a CPU)
+#   BATCH_SIZE, LR, WARMUP, DEVICE override; with DEVICE=cpu and tiny budgets the script itself
+#   can be tried on a CPU)
 # Uses the machine's own python3 (no network there), like bench/gpu_run.sh. After a smoke run of
 # every stage on CUDA, the runs named in RUNS (default: the first five below) of
 # `python -m tokengine.train --device cuda` share the one GPU:
@@ -21,6 +22,11 @@ CACHE_SAMPLES=${CACHE_SAMPLES:-100000}
 DEVICE=${DEVICE:-cuda}
 RUNS=${RUNS:-A B A-seed1 A-noq A-b64}
 FAMILY_WEIGHTS=${FAMILY_WEIGHTS:-}
+# stage c's batch (fewer samples at large N_l), peak learning rate and warm-up steps; on the
+# H100, 64 and 256 samples a step ran at the same 18-19 steps/s (launch-bound)
+BATCH_SIZE=${BATCH_SIZE:-256}
+LR=${LR:-2e-3}
+WARMUP=${WARMUP:-100}
 mkdir -p "$R"
 source bench/gpu_env.sh
 for name in $RUNS; do  # the runs on cache A need A to build it
@@ -47,10 +53,11 @@ timeout 150 python3 -m tokengine.train --device "$DEVICE" --workers "$WORKERS" -
   > "$OUT/smoke.log" 2>&1 || { tail -40 "$OUT/smoke.log"; exit 1; }
 grep -a "stage\|final\|done" "$OUT/smoke.log"
 
-step "train $RUNS: stage a ${VISION_MIN} min, ${CACHE_SAMPLES} cached grids, stage c ${STAGE_C_MIN} min, family weights '${FAMILY_WEIGHTS}'"
+step "train $RUNS: stage a ${VISION_MIN} min, ${CACHE_SAMPLES} cached grids, stage c ${STAGE_C_MIN} min (batch $BATCH_SIZE, lr $LR, warm-up $WARMUP), family weights '${FAMILY_WEIGHTS}'"
 common=(--device "$DEVICE" --workers "$WORKERS" --threads 2 --tokens 1,1,4,4,16,16,64,64,144,256,576
   --vision-minutes "$VISION_MIN" --vision-batch-size 128 --cache-samples "$CACHE_SAMPLES"
-  --minutes "$STAGE_C_MIN" --batch-size 256 --val-every 1 --save-every 2000
+  --minutes "$STAGE_C_MIN" --batch-size "$BATCH_SIZE" --lr "$LR" --warmup "$WARMUP"
+  --val-every 1 --save-every 2000
   ${FAMILY_WEIGHTS:+--family-weights "$FAMILY_WEIGHTS"})
 # every run ends by one deadline, so that the models and logs are packed before the call's limit
 deadline=$((SECONDS + $(python3 -c "print(int(60 * ($VISION_MIN + $STAGE_C_MIN)) + 100)")))
