@@ -181,6 +181,13 @@ def test_train_cli_vision_from_takes_only_the_vit(tmp_path, monkeypatch):
         assert torch.equal(value, expected), name
     assert not torch.equal(lent["reducer.queries"], fresh["reducer.queries"])  # seeds 1 vs 0
 
+    other = tmp_path / "other"  # another ViT, on the cache the first one made
+    random_tiny(3).save_pretrained(other)
+    (other / "training.json").write_text((first / "training.json").read_text())
+    with pytest.raises(SystemExit, match="holds grids made by another ViT than"):
+        train.main(["--output", str(tmp_path / "third"), "--cache", str(tmp_path / "c1"),
+                    "--vision-from", str(other), *small])  # fmt: skip
+
 
 def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
     tmp_path, monkeypatch

@@ -899,7 +899,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     # a time budget of 0 is no budget (it used to divide by zero); stage a's is checked only
-    # where stage a runs (a continued model or a cache already built skip it)
+    # where stage a runs (a continued model, a lent ViT or a cache already built skip it)
     if not args.steps and not args.minutes > 0:
         p.error(f"--minutes must be > 0 when --steps is not given, got {args.minutes}")
     try:
@@ -999,7 +999,17 @@ def main(argv=None) -> dict:
     else:
         log(f"reusing the feature cache {cache}")
     meta = json.loads((cache / "meta.json").read_text())
-    vlm.vision.load_state_dict(torch.load(cache / "vision.pt", map_location=args.device))
+    cached_vit = torch.load(cache / "vision.pt", map_location=args.device)
+    # stage c trains on the cache's grids, so its ViT is the one saved; a model given for its
+    # ViT must be the one that made them, or it would be swapped silently
+    if vision_source and any(
+        not torch.equal(cached_vit[k], v) for k, v in vlm.vision.state_dict().items()
+    ):
+        raise SystemExit(
+            f"--cache {cache} holds grids made by another ViT than {vision_source}'s: give a new "
+            "--cache (it is then built with that ViT) or the one made with it"
+        )
+    vlm.vision.load_state_dict(cached_vit)
     torch.set_rng_state(stage_c_rng)
     stage_c = train_lm(vlm, args, cache, out, log)
     vlm.eval().cpu()
