@@ -114,3 +114,28 @@ def test_mixed_devices_rejected():
         qc_cross_attention(**with_(k_img=meta, v_img=meta))
     with pytest.raises(ValueError, match="must share one device"):
         token_pool(X, 4, mode="topk", scores=S.to("meta"))
+
+
+@pytest.mark.parametrize("cli", ["eval", "sweep", "train", "generate", "demo"])
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("mps", "argument --device: expected cpu, cuda or cuda:INDEX, got 'mps'"),
+        ("cuda:x", "argument --device: expected cpu, cuda or cuda:INDEX, got 'cuda:x'"),
+        (
+            "cuda:64",
+            "argument --device: cuda:64: this torch sees "
+            + (f"{torch.cuda.device_count()} CUDA device" if torch.cuda.is_available() else "no"),
+        ),
+    ],
+)
+def test_every_cli_refuses_a_device_it_cannot_use(cli, device, message, capsys):
+    # before the check, eval --device cuda on a CPU-only torch died in a pin_memory traceback
+    import importlib
+
+    module = importlib.import_module(f"tokengine.{cli}")
+    extra = ["--output", "unused"] if cli == "train" else []
+    with pytest.raises(SystemExit) as exc:
+        getattr(module, "parse_args", module.main)([*extra, "--device", device])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

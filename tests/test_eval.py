@@ -79,6 +79,7 @@ def test_eval_vlmevalkit_tsv(tmp_path):
     [
         (["--tasks", "nonsense"], ValueError, "unknown task"),
         (["--tasks", "/nowhere/MME.tsv"], FileNotFoundError, "MME.tsv"),
+        (["--tasks", "/nowhere/scores.tsv"], FileNotFoundError, "not found: '/nowhere/scores"),
         (["--model", "/nowhere/model"], FileNotFoundError, "neither a shipped model"),
         (["--tokens", "577"], ValueError, "tokens must be in 1..576"),
         (["--tokens", "64", "--reducer", "none"], ValueError, "keeps all 576 tokens"),

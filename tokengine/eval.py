@@ -33,6 +33,7 @@ from tokengine.data import synthetic, vlmevalkit
 from tokengine.engine import Engine
 from tokengine.models import VLM, tiny
 from tokengine.models.reducer import REDUCERS
+from tokengine.validation import device_arg
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SYNTH_PER_FAMILY = 200  # the fixed test split's size per family
@@ -88,8 +89,8 @@ def load_tasks(specs: list[str], image_size: int, limit: int | None) -> list[Tas
                 ]
                 tasks.append(Task(f"synth/{family}", "synth", rows, samples=samples))
         elif spec.endswith(".tsv") or Path(spec).exists():
+            rows = vlmevalkit.load_tsv(spec)[:limit]  # a missing file is named first
             benchmark = vlmevalkit.benchmark_name(spec)
-            rows = vlmevalkit.load_tsv(spec, benchmark)[:limit]
             for row in rows:
                 row["question_prompt"] = vlmevalkit.build_prompt(benchmark, row)
             tasks.append(Task(benchmark, vlmevalkit.task_type(benchmark), rows, benchmark))
@@ -270,7 +271,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="samples per task (synth: <= 200)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--output", default=None, help="directory for results (default: runs/eval-*)")
     p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model")

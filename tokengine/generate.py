@@ -14,6 +14,7 @@ import torch
 from tokengine.engine import Engine
 from tokengine.eval import DTYPES, default_reducer, load_model
 from tokengine.models.reducer import REDUCERS
+from tokengine.validation import device_arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         help="default: fusion when the model has one, else none / pool-avg",
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args(argv)
 

@@ -30,6 +30,7 @@ from tokengine.engine import Engine
 from tokengine.models import tiny
 from tokengine.models.reducer import REDUCERS
 from tokengine.scaling import fit_power_law
+from tokengine.validation import device_arg
 
 POINTS_FILE = "points.jsonl"
 R2_HOLDS = 0.9  # R^2 of the log-log line from which we say the power law holds
@@ -73,7 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--limit", type=int, default=None, help="samples per task")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--dtype", choices=tk_eval.DTYPES, default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/sweep")

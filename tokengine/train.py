@@ -95,7 +95,7 @@ from tokengine.models import VLM
 from tokengine.models.preprocess import preprocess_images
 from tokengine.models.reducer import packed_segment_ids, reduce_tokens
 from tokengine.models.tiny import EOS_ID, IMAGE_ID, IMAGE_SIZE, PAD_ID, random_tiny
-from tokengine.validation import pool_tokens
+from tokengine.validation import device_arg, pool_tokens
 
 TOKENS = (1, 4, 16, 64, 144, 256, 576)
 VAL_TOKENS = (1, 16, 144, 576)
@@ -863,7 +863,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "default 1,4,16,64,144,256,576",
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--device", type=device_arg, default="cpu", help="where to train: cpu, cuda, cuda:1, ..."
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -907,12 +909,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parse_tokens(args.tokens, args.pool_share > 0)
     except ValueError as exc:
         p.error(str(exc))
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError as exc:
-        p.error(f"--device: {exc}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this torch sees no CUDA device")
     return args
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -136,3 +137,23 @@ def softmax_scale(scale: object, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
         raise TypeError(f"softmax_scale must be a finite float or None, got {scale!r}")
     return float(scale)
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type=`` of the CLIs' ``--device``: ``cpu`` or ``cuda[:i]`` that this torch
+    can use, else a usage error that says why (instead of a traceback from deep in a run)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:INDEX, got {text!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise argparse.ArgumentTypeError(f"{text}: this torch sees no CUDA device")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text}: this torch sees {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+            )
+    return text
