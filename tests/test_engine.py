@@ -192,6 +192,31 @@ def test_question_positions_make_word_order_matter(positions):
     assert torch.allclose(out[1], out_swapped[1], atol=1e-6) == (positions == 0)
 
 
+@pytest.mark.parametrize("select_image", [False, True])
+def test_select_image_tokens_are_mixes_of_image_tokens(select_image):
+    """With ``select_image`` an output token is (per head) a weighted mix of the image tokens:
+    when every image token is the same vector, neither the question nor the queries can change
+    the output. Without it the queries' states are the output, and the question changes them."""
+    torch.manual_seed(0)
+    cfg = FusionConfig(vision_dim=16, text_dim=8, num_queries=4, num_layers=2, num_heads=2,
+                       question_positions=3, select_image=select_image)  # fmt: skip
+    fusion = FusionReducer(cfg).eval()
+    image = torch.randn(1, 1, 16).expand(2, 9, 16)  # one vector at all 9 places, 2 samples
+    cu = torch.tensor([0, 5, 11], dtype=torch.int32)
+    with torch.no_grad():
+        out = fusion(image, 3, torch.randn(11, 8), cu)
+        other = fusion(image, 3, torch.randn(11, 8), cu)  # other questions
+        fusion.queries.add_(torch.randn_like(fusion.queries))  # other queries
+        moved = fusion(image, 3, torch.randn(11, 8), cu)
+    assert torch.allclose(out, other, atol=1e-5) == select_image
+    assert torch.allclose(out, moved, atol=1e-5) == select_image
+    assert torch.allclose(out[:, 0], out[:, 2], atol=1e-5) == select_image
+    varied = torch.randn(2, 9, 16)  # with varied image tokens the question picks among them
+    with torch.no_grad():
+        a, b = (fusion(varied, 3, torch.randn(11, 8), cu) for _ in range(2))
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
 def test_sincos_positions_code_grid_rows_and_columns():
     pos = sincos_positions(36, 8)  # a 6x6 grid: channels 0-3 the row, 4-7 the column
     assert pos.shape == (36, 8) and pos.abs().max() <= 1

@@ -149,6 +149,27 @@ def test_train_cli_continues_a_model_and_scores_it_afterwards(tmp_path):
         main(["--output", str(tmp_path / "nothing"), "--test-only"])
 
 
+def test_train_cli_select_image_makes_and_continues_such_a_reducer(tmp_path):
+    """``--select-image`` trains a reducer with that readout; it is saved in the model's config,
+    and ``--init`` from that model continues it (the readout's weights included)."""
+    from tokengine.train import main
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    small = ["--cache", str(tmp_path / "c"), "--cache-samples", "16", "--val-samples", "8",
+             "--steps", "2", "--batch-size", "8", "--tokens", "1,4", "--warmup", "1",
+             "--save-every", "0", "--val-every", "0"]  # fmt: skip
+    main(["--output", str(first), "--vision-steps", "1", "--vision-batch-size", "8",
+          "--select-image", *small])  # fmt: skip
+    trained = VLM.from_pretrained(first)
+    assert trained.reducer.config.select_image
+    assert "(`select_image`)" in (first / "MODEL_CARD.md").read_text()
+    main(["--output", str(second), "--init", str(first), *small])
+    continued = VLM.from_pretrained(second)
+    assert continued.reducer.config.select_image
+    w = "reducer.select.o_proj.weight"
+    assert not torch.equal(continued.state_dict()[w], trained.state_dict()[w])  # trained on
+
+
 def test_train_cli_vision_from_takes_only_the_vit(tmp_path, monkeypatch):
     """``--vision-from`` skips stage a and caches with the given model's ViT, and stage c starts
     from the seed's initialisation of everything else (not from that model's)."""
@@ -340,6 +361,7 @@ def test_stage_c_lr_warms_up_holds_then_decays():
         (["--init", "/nowhere/model"], "--init /nowhere/model is not a model directory"),
         (["--vision-from", "/nowhere/model"], "--vision-from /nowhere/model is not a model"),
         (["--init", "a", "--vision-from", "b"], "not allowed with argument --init"),
+        (["--init", "a", "--select-image"], "--select-image: a model given by --init keeps its"),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]),
 )

@@ -716,6 +716,12 @@ def _score_table(scores: dict[str, dict], majority: dict[str, tuple[str, float]]
     return "\n".join(lines) + "\n"
 
 
+SELECT_NOTE = (
+    "; then a cross-attention over the image alone makes each output token a weighted mix of "
+    "image tokens (`select_image`)"
+)
+
+
 def model_card(summary: dict, vlm: VLM, size_bytes: int, name: str) -> str:
     """MODEL_CARD.md text from a training summary (training.json): what was run, for how long,
     and the scores, with the issue's quality targets checked against the test split."""
@@ -757,8 +763,8 @@ def model_card(summary: dict, vlm: VLM, size_bytes: int, name: str) -> str:
         f"- reducer `{variant}`: {r.num_queries} nested learned queries, {r.num_layers} blocks "
         f"[self-attention{' over queries + question' if variant == 'fusion' else ''} -> "
         f"qc cross-attention over image{' + question' if variant == 'fusion' else ''} -> MLP], "
-        f"width {r.vision_dim}, {r.num_heads} heads. One checkpoint serves N_l = 1..576; "
-        "`pool-*` reducers run on the same weights.",
+        f"width {r.vision_dim}, {r.num_heads} heads{SELECT_NOTE if r.select_image else ''}. "
+        "One checkpoint serves N_l = 1..576; `pool-*` reducers run on the same weights.",
         f"- reducer positions (learned, sin/cos-initialised, added to LayerNorm-ed tokens): "
         f"{r.question_positions} question positions, {r.image_positions} image positions.",
         f"- projector: mlp2x_gelu {v.hidden_size} -> {t.hidden_size} -> {t.hidden_size}.",
@@ -844,6 +850,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="weight of the training-only answer probe on the reduced tokens",
     )
+    p.add_argument(
+        "--select-image",
+        action="store_true",
+        help="a new reducer whose output tokens are question-chosen mixes of image tokens, "
+        "not the queries' states (see FusionConfig.select_image); not with --init",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=float, default=4.0, help="minutes between validations")
     p.add_argument("--save-every", type=int, default=200, help="steps between state saves")
@@ -883,6 +895,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.decay_start < 1:
         p.error(f"--decay-start must be in [0, 1), got {args.decay_start}")
+    if args.select_image and args.init:
+        p.error("--select-image: a model given by --init keeps its own reducer")
     for flag, path in (("--init", args.init), ("--vision-from", args.vision_from)):
         if path and not (Path(path) / "config.json").is_file():
             p.error(f"{flag} {path} is not a model directory (no config.json)")
@@ -976,9 +990,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache) if args.cache else out.parent / f".cache-{out.name}"
 
-    vlm = random_tiny(args.seed).to(args.device)
-    if args.init:  # continue from a saved model (fresh optimiser and schedule)
-        vlm.load_state_dict(VLM.from_pretrained(args.init).state_dict())
+    init = VLM.from_pretrained(args.init) if args.init else None
+    select = init.reducer.config.select_image if init else args.select_image
+    vlm = random_tiny(args.seed, select_image=select).to(args.device)
+    if init:  # continue from a saved model (fresh optimiser and schedule)
+        vlm.load_state_dict(init.state_dict())
         log(f"initialised from {args.init}")
     if args.vision_from:  # its ViT; the reducer, projector and LM as initialised above
         vlm.vision.load_state_dict(VLM.from_pretrained(args.vision_from).vision.state_dict())

@@ -43,6 +43,13 @@ class FusionConfig:
     # keeping it. Either kind is added to its tokens after a LayerNorm (see FusionReducer).
     question_positions: int = 0  # positions 0..n-1 of each question (later ones share n-1)
     image_positions: int = 0  # one per image token; must then equal the image's N
+    # False: the output tokens are the queries' states, into which the blocks can write
+    # anything, the answer to a one-word question included (the swap test in
+    # docs/token_usage/ shows tokengine-tiny does). True: a last cross-attention over the
+    # image alone, with no residual from the queries, reads each output token out of the
+    # image: the queries choose where to look, but every token is a weighted mix of image
+    # tokens (per head, then one linear map).
+    select_image: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,6 +158,9 @@ class FusionReducer(nn.Module):
         )
         self.blocks = nn.ModuleList(_FusionBlock(cfg) for _ in range(cfg.num_layers))
         self.norm_out = nn.LayerNorm(cfg.vision_dim)
+        if cfg.select_image:  # made last: the other weights draw what they draw without it
+            self.norm_select = nn.LayerNorm(cfg.vision_dim)
+            self.select = QCCrossAttention(cfg.vision_dim, cfg.num_heads, cfg.num_kv_heads)
 
     def check_tokens(self, tokens: int) -> None:
         """``tokens`` must be one of the N_l this reducer's learned queries serve."""
@@ -189,6 +199,8 @@ class FusionReducer(nn.Module):
                 text = _standardise(text) + self.question_pos[at]
         for block in self.blocks:
             x = block(x, image, text, cu_seqlens, layout)
+        if self.config.select_image:
+            x = self.select(self.norm_select(x), image)
         return self.norm_out(x)
 
 

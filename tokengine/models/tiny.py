@@ -94,8 +94,9 @@ def tiny_config(vocab_size: int) -> VLMConfig:
     )
 
 
-def tiny_fusion_config() -> FusionConfig:
-    """The fusion reducer of tokengine-tiny: 576 nested queries over 64-wide image tokens."""
+def tiny_fusion_config(select_image: bool = False) -> FusionConfig:
+    """The fusion reducer of tokengine-tiny: 576 nested queries over 64-wide image tokens
+    (``select_image``: see :class:`FusionConfig`)."""
     return FusionConfig(
         vision_dim=64,
         text_dim=128,
@@ -105,16 +106,18 @@ def tiny_fusion_config() -> FusionConfig:
         mlp_ratio=2.0,
         question_positions=20,
         image_positions=576,  # the 24x24 grid
+        select_image=select_image,
     )
 
 
-def random_tiny(seed: int = 0) -> VLM:
-    """tokengine-tiny with random weights (tokenizer, fusion reducer, image processor set)."""
+def random_tiny(seed: int = 0, select_image: bool = False) -> VLM:
+    """tokengine-tiny with random weights (tokenizer, fusion reducer, image processor set);
+    ``select_image`` gives the reducer the readout of :class:`FusionConfig` of that name."""
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vlm = VLM(tiny_config(tokenizer.get_vocab_size()))
-        vlm.reducer = FusionReducer(tiny_fusion_config())
+        vlm.reducer = FusionReducer(tiny_fusion_config(select_image))
     vlm.tokenizer = tokenizer
     vlm.image_processor = ImageProcessor.for_size(IMAGE_SIZE)
     return vlm.eval()
