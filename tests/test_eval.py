@@ -153,3 +153,14 @@ def test_generate_cli_answers_one_question(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.strip()  # the answer
     assert "fusion, N_l=16" in captured.err and "TTFT" in captured.err
+
+
+def test_eval_refuses_an_unusable_output_before_evaluating(tmp_path, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("evaluated before the --output check")
+
+    monkeypatch.setattr(tk_eval, "run_task", no_run)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError):
+        tk_eval.main(["--tasks", "colour", "--limit", "2", "--output", str(blocker / "out")])

@@ -135,3 +135,14 @@ def test_power_law_verdict_needs_three_points():
     assert sweep.verdict({"all": exact, "above_chance": exact}).startswith("holds")
     two = {"all": entry["above_chance"], "above_chance": entry["above_chance"]}
     assert sweep.verdict(two) == "cannot be judged (only 2 points)"
+
+
+def test_sweep_refuses_an_unusable_output_before_the_first_point(tmp_path, monkeypatch):
+    def no_run(*args, **kwargs):
+        raise AssertionError("ran a point before the --output check")
+
+    monkeypatch.setattr(sweep.tk_eval, "run_task", no_run)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError):
+        sweep.main([*ARGS, "--output", str(blocker / "out")])

@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
     reducer = args.reducer or default_reducer(vlm, args.tokens)
     engine.check_tokens(args.tokens, reducer)
     tasks = load_tasks(args.tasks, vlm.config.vision.image_size, args.limit)
+    out = Path(args.output or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)  # an unusable --output fails now, not after the run
     print(
         f"model: {model_desc}\nreducer: {reducer}  tokens: {args.tokens or 'all'}  device: "
         f"{args.device}  dtype: {args.dtype}"
@@ -338,8 +340,6 @@ def main(argv: list[str] | None = None) -> dict:
         "synth_average": avg,
         "wall_s": time.perf_counter() - start,
     }
-    out = Path(args.output or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_samples(out, rows)
     print(f"wrote {out}/results.json and samples_*.jsonl")
@@ -349,5 +349,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # OSError: missing files, unusable --output
         sys.exit(f"error: {e}")

@@ -176,6 +176,8 @@ def run_points(args: argparse.Namespace, rank: int) -> list[dict]:
             )
             engines[name] = (Engine(vlm), desc)
         engines[name][0].check_tokens(tokens, reducer)
+    if rank == 0:  # an unusable --output fails now, not after the first point
+        out.mkdir(parents=True, exist_ok=True)
     tasks = None
     for reducer, tokens in todo:
         engine, desc = engines[model_for(reducer, args)]
@@ -200,7 +202,6 @@ def run_points(args: argparse.Namespace, rank: int) -> list[dict]:
             "tasks": {r["task"]: {k: v for k, v in r.items() if k != "samples"} for r in results},
         }
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
             tk_eval.write_samples(out / "samples" / f"{reducer}-{tokens}", results)
             with open(points_file, "a") as f:
                 f.write(json.dumps(point) + "\n")
@@ -452,7 +453,7 @@ if __name__ == "__main__":
     try:
         main()
         ok = True
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing files, unusable --output
         sys.exit(f"error: {e}")
     finally:
         _shutdown_distributed(ok)
