@@ -11,6 +11,7 @@
 #   A-seed1 fusion, seed 1, stage c on cache A                     <- another seed
 #   A-noq   fusion-noq, seed 0, stage c on cache A                 <- the question-free pair
 #   A-b64   fusion, seed 0, batch 64 (the CPU recipe's), cache A   <- batch size vs steps
+#   A-select fusion, seed 0, --select-image, stage c on cache A   <- does N_l=1 then score lower?
 # FAMILY_WEIGHTS (e.g. counting=2,spatial=6,text=2,chart=2) is passed to every run's stage c.
 # Each model directory (with its log) comes back as a .tgz under $OUT; score them on the test
 # split where they land (python -m tokengine.eval / train.evaluate_split), not on the device.
@@ -32,8 +33,9 @@ source bench/gpu_env.sh
 for name in $RUNS; do  # the runs on cache A need A to build it
   case $name in
     A | B | C | D) ;;
-    A-seed1 | A-noq | A-b64) [[ " $RUNS " == *" A "* ]] || { echo "RUNS: $name needs A"; exit 2; } ;;
-    *) echo "RUNS: unknown run $name (A B C D A-seed1 A-noq A-b64)"; exit 2 ;;
+    A-seed1 | A-noq | A-b64 | A-select)
+      [[ " $RUNS " == *" A "* ]] || { echo "RUNS: $name needs A"; exit 2; } ;;
+    *) echo "RUNS: unknown run $name (A B C D A-seed1 A-noq A-b64 A-select)"; exit 2 ;;
   esac
 done
 
@@ -84,6 +86,8 @@ for name in $RUNS; do
     A-noq) train "$name" --variant fusion-noq --cache "$R/cacheA" --seed 0 "${common[@]}" & ;;
     A-b64) train "$name" --variant fusion --cache "$R/cacheA" --seed 0 "${common[@]}" \
       --batch-size 64 & ;;
+    A-select) train "$name" --variant fusion --cache "$R/cacheA" --seed 0 "${common[@]}" \
+      --select-image & ;;
     *) continue ;;
   esac
   pids+=($!)
