@@ -290,6 +290,17 @@ def test_bad_input_is_rejected(vlm, kwargs, error, match):
         Engine(vlm).generate(args.pop("images"), args.pop("questions"), **args)
 
 
+def test_a_prompt_and_answer_must_fit_the_lms_positions(vlm):
+    engine = Engine(vlm)
+    prompt = len(engine._prompt_ids(QUESTIONS[1], 576))
+    room = vlm.config.text.max_position_embeddings - prompt
+    questions = [QUESTIONS[2], QUESTIONS[1]]  # a short one, then the long one
+    fits = engine.generate(images(2), questions, max_new_tokens=room)  # exactly fits
+    assert len(fits.texts) == 2
+    with pytest.raises(ValueError, match=rf"questions\[1\] needs {prompt + room + 1} positions"):
+        engine.generate(images(2), questions, max_new_tokens=room + 1)
+
+
 def test_a_bad_request_is_refused_before_any_work(vlm):
     engine = Engine(vlm)
     assert engine.check_tokens(None, "none") == 576

@@ -161,6 +161,11 @@ class Engine:
             :class:`GenerationResult` with texts, generated ids (EOS excluded), per-sample TTFT
             and ``timings``: ``vision_ms``, ``reduce_ms``, ``prefill_ms``, ``decode_ms``
             (sums over batches), ``decode_tokens_per_s``, ``samples``, ``peak_memory_mb``.
+
+        Raises:
+            ValueError / TypeError on bad arguments, before any work; among them a prompt (with
+            its N_l image tokens) that leaves fewer than ``max_new_tokens`` of the LM's
+            ``max_position_embeddings``.
         """
         if len(questions) == 0:
             raise ValueError("questions must not be empty")
@@ -171,9 +176,10 @@ class Engine:
             )
         if not all(isinstance(q, str) for q in questions):
             raise TypeError("questions must be strings")
-        self.check_tokens(tokens, reducer)
+        n_image = self.check_tokens(tokens, reducer)
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be >= 1")
+        self._check_length(questions, n_image, max_new_tokens)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         result = GenerationResult([], [], {})
@@ -285,6 +291,19 @@ class Engine:
         cu = torch.tensor([0] + [len(q) for q in ids]).cumsum(0).to(torch.int32)
         flat = torch.tensor([t for q in ids for t in q], dtype=torch.long, device=self.device)
         return self.vlm.lm.embed(flat), cu.to(self.device)
+
+    def _check_length(self, questions: Sequence[str], n_image: int, max_new_tokens: int) -> None:
+        """Every prompt and its answer must fit the LM's positions (RoPE would run past them,
+        as in transformers, but on positions the model never saw)."""
+        limit = self.vlm.config.text.max_position_embeddings
+        for i, q in enumerate(questions):
+            need = len(self._prompt_ids(q, n_image)) + max_new_tokens
+            if need > limit:
+                raise ValueError(
+                    f"questions[{i}] needs {need} positions (its prompt with {n_image} image "
+                    f"tokens, plus max_new_tokens={max_new_tokens}); this LM has "
+                    f"{limit} (max_position_embeddings)"
+                )
 
     def _prompt_ids(self, question: str, n_image: int) -> list[int]:
         """The prompt's ids with the single ``<image>`` placeholder expanded to N_l slots."""
