@@ -158,7 +158,7 @@ class FusionReducer(nn.Module):
         )
         self.blocks = nn.ModuleList(_FusionBlock(cfg) for _ in range(cfg.num_layers))
         self.norm_out = nn.LayerNorm(cfg.vision_dim)
-        if cfg.select_image:  # made last: the other weights draw what they draw without it
+        if cfg.select_image:  # made last, so the other weights get the same random init
             self.norm_select = nn.LayerNorm(cfg.vision_dim)
             self.select = QCCrossAttention(cfg.vision_dim, cfg.num_heads, cfg.num_kv_heads)
 
