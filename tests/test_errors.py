@@ -139,3 +139,24 @@ def test_every_cli_refuses_a_device_it_cannot_use(cli, device, message, capsys):
         getattr(module, "parse_args", module.main)([*extra, "--device", device])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cli", ["eval", "sweep", "train", "generate", "demo", "info"])
+def test_every_cli_option_has_help(cli, monkeypatch):
+    # `--help` is the first documentation a user reads: no option may show up in it bare
+    import argparse
+    import importlib
+
+    seen = []
+
+    def capture(parser, *args, **kwargs):
+        seen.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    module = importlib.import_module(f"tokengine.{cli}")
+    with pytest.raises(SystemExit):
+        getattr(module, "parse_args", module.main)([])
+    (parser,) = seen
+    bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert bare == []

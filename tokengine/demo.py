@@ -14,7 +14,7 @@ import torch
 
 from tokengine import backends
 from tokengine.ops import qc_cross_attention, token_pool
-from tokengine.validation import device_arg
+from tokengine.validation import add_device_argument
 
 
 def _timed(fn, repeats: int = 3):
@@ -27,10 +27,8 @@ def _timed(fn, repeats: int = 3):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokengine.demo", description=__doc__)
-    parser.add_argument(
-        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)

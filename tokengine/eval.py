@@ -33,7 +33,7 @@ from tokengine.data import synthetic, vlmevalkit
 from tokengine.engine import Engine
 from tokengine.models import VLM, tiny
 from tokengine.models.reducer import REDUCERS
-from tokengine.validation import device_arg
+from tokengine.validation import add_device_argument
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SYNTH_PER_FAMILY = 200  # the fixed test split's size per family
@@ -269,15 +269,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="synth, a family name, or VLMEvalKit .tsv paths",
     )
     p.add_argument("--limit", type=int, default=None, help="samples per task (synth: <= 200)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32, help="questions per batch; default 32")
     p.add_argument(
-        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer length cap (default per task kind: synth 4, yes/no and multiple choice "
+        "8, VQA 16, captions 64)",
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_device_argument(p)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="default float32")
     p.add_argument("--output", default=None, help="directory for results (default: runs/eval-*)")
     p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.tokens is not None and args.tokens < 1:
         p.error(f"--tokens must be >= 1, got {args.tokens}")

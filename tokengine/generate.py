@@ -9,12 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from tokengine.engine import Engine
 from tokengine.eval import DTYPES, default_reducer, load_model
 from tokengine.models.reducer import REDUCERS
-from tokengine.validation import device_arg
+from tokengine.validation import add_device_argument
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--question", required=True)
+    parser.add_argument("--question", required=True, help="the question about the image")
     parser.add_argument("--model", default="tokengine-tiny", help="model directory or name")
     parser.add_argument("--tokens", type=int, default=None, help="N_l (default: all)")
     parser.add_argument(
@@ -33,11 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: fusion when the model has one, else none / pool-avg",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument(
-        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
+    add_device_argument(parser)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="default float32")
     args = parser.parse_args(argv)
 
     vlm, model_desc, _ = load_model(args.model, DTYPES[args.dtype], args.device, seed=0)

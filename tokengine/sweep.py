@@ -30,7 +30,7 @@ from tokengine.engine import Engine
 from tokengine.models import tiny
 from tokengine.models.reducer import REDUCERS
 from tokengine.scaling import fit_power_law
-from tokengine.validation import device_arg
+from tokengine.validation import add_device_argument
 
 POINTS_FILE = "points.jsonl"
 R2_HOLDS = 0.9  # R^2 of the log-log line from which we say the power law holds
@@ -64,8 +64,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fusion,fusion-noq,pool-avg",
         help=f"comma-separated, from {', '.join(REDUCERS)}",
     )
-    p.add_argument("--tasks", nargs="+", default=["synth"])
-    p.add_argument("--model", default=tiny.DEFAULT_MODEL)
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["synth"],
+        help="synth, a family name, or VLMEvalKit .tsv paths; default synth",
+    )
+    p.add_argument("--model", default=tiny.DEFAULT_MODEL, help="shipped model name or directory")
     p.add_argument(
         "--noq-model",
         default=None,
@@ -73,21 +78,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "default: <model>-noq when shipped, else --model",
     )
     p.add_argument("--limit", type=int, default=None, help="samples per task")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="questions per batch; default 32")
+    add_device_argument(p)
+    p.add_argument("--dtype", choices=tk_eval.DTYPES, default="float32", help="default float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model")
     p.add_argument(
-        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+        "--output",
+        default="runs/sweep",
+        help="directory of points.jsonl (resumed if there), fits, report and plot; "
+        "default %(default)s",
     )
-    p.add_argument("--dtype", choices=tk_eval.DTYPES, default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="runs/sweep")
     p.add_argument(
         "--max-points",
         type=int,
         default=None,
         help="stop after this many new points (resume later with the same command)",
     )
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per fit")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--n-boot", type=int, default=2000, help="bootstrap resamples per fit; default %(default)s"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     try:
         args.tokens = [int(t) for t in args.tokens.split(",")]

@@ -95,7 +95,7 @@ from tokengine.models import VLM
 from tokengine.models.preprocess import preprocess_images
 from tokengine.models.reducer import packed_segment_ids, reduce_tokens
 from tokengine.models.tiny import EOS_ID, IMAGE_ID, IMAGE_SIZE, PAD_ID, random_tiny
-from tokengine.validation import device_arg, pool_tokens
+from tokengine.validation import add_device_argument, pool_tokens
 
 TOKENS = (1, 4, 16, 64, 144, 256, 576)
 VAL_TOKENS = (1, 16, 144, 576)
@@ -816,28 +816,80 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tokengine.train", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--variant", choices=("fusion", "fusion-noq"), default="fusion")
+    p.add_argument(
+        "--variant",
+        choices=("fusion", "fusion-noq"),
+        default="fusion",
+        help="reducer to train: fusion (question-conditioned) or fusion-noq (the question "
+        "withheld, the paper's ablation); default %(default)s",
+    )
     p.add_argument("--output", required=True, help="model directory to write")
     p.add_argument("--cache", default=None, help="feature cache dir (default OUTPUT/../.cache)")
-    p.add_argument("--minutes", type=float, default=15.0, help="stage c time budget")
+    p.add_argument(
+        "--minutes", type=float, default=15.0, help="stage c time budget; default %(default)s"
+    )
     p.add_argument("--steps", type=int, default=0, help="stage c steps (overrides --minutes)")
-    p.add_argument("--vision-minutes", type=float, default=7.0)
+    p.add_argument(
+        "--vision-minutes",
+        type=float,
+        default=7.0,
+        help="stage a (dense ViT pre-training) time budget; default %(default)s",
+    )
     p.add_argument("--vision-steps", type=int, default=0, help="overrides --vision-minutes")
-    p.add_argument("--vision-batch-size", type=int, default=32)
-    p.add_argument("--cache-samples", type=int, default=30000)
-    p.add_argument("--val-samples", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--min-batch", type=int, default=0, help="batch floor for large N_l (B/8)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--vision-lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument(
+        "--vision-batch-size",
+        type=int,
+        default=32,
+        help="stage a images per step; default %(default)s",
+    )
+    p.add_argument(
+        "--cache-samples",
+        type=int,
+        default=30000,
+        help="training samples whose ViT grids stage b caches; default %(default)s",
+    )
+    p.add_argument(
+        "--val-samples",
+        type=int,
+        default=512,
+        help="cached validation samples (validation stream); default %(default)s",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="stage c samples per step at N_l <= 64 (fewer above: about the same LM tokens "
+        "per step); default %(default)s",
+    )
+    p.add_argument(
+        "--min-batch",
+        type=int,
+        default=0,
+        help="batch floor for large N_l (default 0: --batch-size / 8)",
+    )
+    p.add_argument(
+        "--lr", type=float, default=2e-3, help="stage c peak AdamW rate; default %(default)s"
+    )
+    p.add_argument(
+        "--vision-lr", type=float, default=3e-3, help="stage a rate; default %(default)s"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=100, help="stage c linear warm-up steps; default %(default)s"
+    )
     p.add_argument(
         "--decay-start",
         type=float,
         default=0.0,
-        help="share of stage c run at the full learning rate before its cosine decay",
+        help="share of stage c run at the full learning rate before its cosine decay; "
+        "default %(default)s",
     )
-    p.add_argument("--pool-share", type=float, default=0.25)
+    p.add_argument(
+        "--pool-share",
+        type=float,
+        default=0.25,
+        help="share of stage c batches whose tokens are grid-pooled ViT tokens instead of the "
+        "reducer's; default %(default)s",
+    )
     p.add_argument(
         "--family-weights",
         default=None,
@@ -848,7 +900,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--probe-weight",
         type=float,
         default=1.0,
-        help="weight of the training-only answer probe on the reduced tokens",
+        help="weight of the training-only answer probe on the reduced tokens; default %(default)s",
     )
     p.add_argument(
         "--select-image",
@@ -856,9 +908,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a new reducer whose output tokens are question-chosen mixes of image tokens, "
         "not the queries' states (see FusionConfig.select_image); not with --init",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-every", type=float, default=4.0, help="minutes between validations")
-    p.add_argument("--save-every", type=int, default=200, help="steps between state saves")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument(
+        "--val-every",
+        type=float,
+        default=4.0,
+        help="minutes between validations; default %(default)s",
+    )
+    p.add_argument(
+        "--save-every", type=int, default=200, help="steps between state saves; default %(default)s"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init", default=None, help="start stage c from this model directory")
@@ -874,10 +933,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma list of N_l to sample from uniformly (repeat a value to weight it); "
         "default 1,4,16,64,144,256,576",
     )
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument(
-        "--device", type=device_arg, default="cpu", help="where to train: cpu, cuda, cuda:1, ..."
-    )
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads; default %(default)s")
+    add_device_argument(p, default="cpu")
     p.add_argument(
         "--workers",
         type=int,
@@ -885,7 +942,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="processes making stage a's and b's images (0: the training process itself)",
     )
     p.add_argument("--eval-test", action="store_true", help="score the test split at N_l 576, 1")
-    p.add_argument("--test-per-family", type=int, default=200)
+    p.add_argument(
+        "--test-per-family",
+        type=int,
+        default=200,
+        help="test questions per family for --eval-test and --test-only; default %(default)s",
+    )
     p.add_argument(
         "--test-only",
         action="store_true",

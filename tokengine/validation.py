@@ -157,3 +157,16 @@ def device_arg(text: str) -> str:
                 f"{text}: this torch sees {count} CUDA device(s), cuda:0..cuda:{count - 1}"
             )
     return text
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """The CLIs' ``--device`` (checked by :func:`device_arg`); ``default`` None means ``cuda``
+    when this torch sees a GPU, else ``cpu``."""
+    if default is None:
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument(
+        "--device",
+        type=device_arg,
+        default=default,
+        help="cpu, cuda or cuda:INDEX; default %(default)s",
+    )
