@@ -824,7 +824,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "withheld, the paper's ablation); default %(default)s",
     )
     p.add_argument("--output", required=True, help="model directory to write")
-    p.add_argument("--cache", default=None, help="feature cache dir (default OUTPUT/../.cache)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="feature cache dir (default: .cache-NAME beside OUTPUT, NAME its last part)",
+    )
     p.add_argument(
         "--minutes", type=float, default=15.0, help="stage c time budget; default %(default)s"
     )
