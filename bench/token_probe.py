@@ -4,7 +4,7 @@
                                 [--families counting,text,chart] [--train 1600] [--held-out 400]
                                 [--json PATH]
 
-For each family, questions of the validation split (``tokengine.train.validation_split``:
+For each family, questions of the validation split (``tokengine.training.scoring.validation_split``:
 disjoint from the training stream and from the test split) are answered by the Engine at each
 N_l while the reduced tokens (B, N_l, D) are recorded. A multinomial logistic regression on
 their mean and their maximum over the N_l tokens (2D features, standardised) is fitted on the
@@ -31,7 +31,7 @@ from torch import nn
 from tokengine.data.synthetic import FAMILIES, normalize_answer
 from tokengine.engine import Engine
 from tokengine.models import tiny
-from tokengine.train import validation_split
+from tokengine.training.scoring import validation_split
 
 
 class RecordedTokens(nn.Module):

@@ -75,7 +75,8 @@ def test_random_tiny_builds_and_runs():
 
 def test_training_forward_matches_engine():
     """The right-padded causal training forward gives the Engine's greedy first token."""
-    from tokengine.train import _records, encode_samples, lm_batch
+    from tokengine.training.cache import _records, encode_samples
+    from tokengine.training.stage_c import lm_batch
 
     vlm = random_tiny(1)
     samples = test_split(["counting", "chart"], 2, vlm.config.vision.image_size)
@@ -218,6 +219,7 @@ def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
     the cache (24 samples, weighted to 30) is passed twice, so the order after a reshuffle
     counts too."""
     import tokengine.train as train
+    from tokengine.training import stage_c
 
     def run(out: Path, *extra: str) -> None:
         train.main(["--output", str(out), "--cache", str(tmp_path / "cache"), "--vision-steps",
@@ -227,7 +229,7 @@ def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
                     "--family-weights", "text=2,chart=3", *extra])  # fmt: skip
 
     run(tmp_path / "whole")
-    real_step, calls = train.optimizer_step, []
+    real_step, calls = stage_c.optimizer_step, []
 
     def dies_at_step_5(*args):
         calls.append(1)
@@ -235,10 +237,10 @@ def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
             raise KeyboardInterrupt
         return real_step(*args)
 
-    monkeypatch.setattr(train, "optimizer_step", dies_at_step_5)
+    monkeypatch.setattr(stage_c, "optimizer_step", dies_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "split")
-    monkeypatch.setattr(train, "optimizer_step", real_step)
+    monkeypatch.setattr(stage_c, "optimizer_step", real_step)
     assert torch.load(tmp_path / "split" / train.STATE_FILE, weights_only=False)["step"] == 3
     run(tmp_path / "split", "--resume")
     whole = VLM.from_pretrained(tmp_path / "whole").state_dict()
@@ -250,7 +252,7 @@ def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
 
 
 def test_family_weights_repeat_a_family_in_the_order():
-    from tokengine.train import parse_family_weights, weighted_order
+    from tokengine.training.stage_c import parse_family_weights, weighted_order
 
     recs = [{"family": i % len(FAMILIES)} for i in range(2 * len(FAMILIES))]
     assert weighted_order(recs, parse_family_weights(None)) == list(range(len(recs)))
@@ -267,7 +269,8 @@ def test_validation_split_is_the_validation_stream_by_family():
     """Per family, the validation split is the validation stream's samples of that family in
     order (so its head is the cached validation set), and shares no scene with the training
     stream or the test split."""
-    from tokengine.train import VAL_STREAM_OFFSET, validation_split
+    from tokengine.training.common import VAL_STREAM_OFFSET
+    from tokengine.training.scoring import validation_split
 
     size = random_tiny(0).config.vision.image_size
     stream = list(islice(train_stream(VAL_STREAM_OFFSET, size), 3 * len(FAMILIES)))
@@ -281,7 +284,7 @@ def test_validation_split_is_the_validation_stream_by_family():
 
 
 def test_evaluate_names_a_bad_split(tmp_path):
-    from tokengine.train import evaluate_split
+    from tokengine.training.scoring import evaluate_split
 
     with pytest.raises(ValueError, match="split must be 'test' or 'val', got 'train'"):
         evaluate_split(tmp_path, "fusion", 1, split="train")
@@ -292,7 +295,8 @@ def test_worker_made_batches_are_the_stream_in_order():
     both are the training stream's samples, in order (a short last batch included)."""
     from functools import partial
 
-    from tokengine.train import cache_batch, stream_batches
+    from tokengine.training.cache import cache_batch
+    from tokengine.training.common import stream_batches
 
     vlm = random_tiny(0)
     prepare = partial(cache_batch, processor=vlm.image_processor)
@@ -320,7 +324,7 @@ def test_shipped_checkpoint_loads(name):
 
 
 def test_clearly_lower_needs_more_than_sampling_noise():
-    from tokengine.train import clearly_lower
+    from tokengine.training.scoring import clearly_lower
 
     # 200 questions at 35.5%: one standard error is 3.4 points
     assert not clearly_lower(0.32, 0.355, 200)
@@ -330,7 +334,7 @@ def test_clearly_lower_needs_more_than_sampling_noise():
 
 
 def test_stage_c_lr_warms_up_holds_then_decays():
-    from tokengine.train import stage_c_lr
+    from tokengine.training.stage_c import stage_c_lr
 
     assert stage_c_lr(1.0, 0, 0.0, 10, 0.0) == pytest.approx(0.1)  # warm-up
     assert stage_c_lr(1.0, 50, 0.0, 10, 0.0) == pytest.approx(1.0)
@@ -384,7 +388,8 @@ def test_train_refuses_a_zero_stage_a_budget_where_stage_a_runs(tmp_path):
 
 
 def test_train_tokens_need_not_pool_without_pooled_batches():
-    from tokengine.train import parse_args, parse_tokens
+    from tokengine.train import parse_args
+    from tokengine.training.stage_c import parse_tokens
 
     args = parse_args(["--output", "unused", "--tokens", "575,1", "--pool-share", "0"])
     assert parse_tokens(args.tokens, pool=False) == [575, 1]

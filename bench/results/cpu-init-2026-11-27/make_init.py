@@ -1,9 +1,12 @@
 """Two stage-c starting points on the shipped ViT: PyTorch's default init (I0, what
 `train --vision-from` makes) and a Llama-style init (I1: every Linear and the embedding of the
 LM and projector N(0, 0.02), biases 0, as transformers' initializer_range)."""
+
 import sys
+
 import torch
 from torch import nn
+
 from tokengine.models.tiny import random_tiny, shipped_path
 from tokengine.models.vlm import VLM
 
