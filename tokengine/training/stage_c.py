@@ -37,10 +37,8 @@ from tokengine.training.cache import load_features
 from tokengine.training.common import STATE_FILE, model_device, optimizer_step, segment_mean
 from tokengine.validation import pool_tokens
 
-TOKENS = (1, 4, 16, 64, 144, 256, 576)
-
-
-VAL_TOKENS = (1, 16, 144, 576)
+TOKENS = (1, 4, 16, 64, 144, 256, 576)  # --tokens' default: the sweep's N_l
+VAL_TOKENS = (1, 16, 144, 576)  # the N_l of the final cached validation
 
 
 class AnswerProbe(nn.Module):
