@@ -109,10 +109,19 @@ def test_eval_cli_reports_errors_cleanly(tmp_path):
     assert res.returncode != 0 and "error: unknown task" in res.stderr
 
 
-def test_eval_cli_names_the_bad_argument(capsys):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--limit", "0"], "--limit must be >= 1, got 0"),
+        (["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
+        (["--tokens", "0"], "--tokens must be >= 1, got 0"),
+    ],
+)
+def test_eval_cli_names_the_bad_argument(argv, message, capsys):
     with pytest.raises(SystemExit):
-        tk_eval.parse_args(["--max-new-tokens", "0"])
-    assert "--max-new-tokens must be >= 1, got 0" in capsys.readouterr().err
+        tk_eval.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_generate_cli_reports_errors_cleanly():

@@ -248,6 +248,30 @@ def write_samples(out: Path, rows: list[dict]) -> None:
                 f.write(json.dumps(s) + "\n")
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options eval and sweep share: the model, the tasks, and how to run them."""
+    p.add_argument("--model", default=tiny.DEFAULT_MODEL, help="shipped model name or directory")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["synth"],
+        help="synth, a family name, or VLMEvalKit .tsv paths; default synth",
+    )
+    p.add_argument("--limit", type=int, default=None, help="samples per task (synth: <= 200)")
+    p.add_argument("--batch-size", type=int, default=32, help="questions per batch; default 32")
+    add_device_argument(p)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="default float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_run_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for the options of :func:`add_run_arguments` that argparse cannot check."""
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tokengine.eval",
@@ -255,21 +279,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--tokens", type=int, default=None, help="N_l (default: all image tokens)")
-    p.add_argument("--model", default=tiny.DEFAULT_MODEL, help="shipped model name or directory")
     p.add_argument(
         "--reducer",
         choices=REDUCERS,
         default=None,
         help="default: fusion if the model has one, else none/pool-avg",
     )
-    p.add_argument(
-        "--tasks",
-        nargs="+",
-        default=["synth"],
-        help="synth, a family name, or VLMEvalKit .tsv paths",
-    )
-    p.add_argument("--limit", type=int, default=None, help="samples per task (synth: <= 200)")
-    p.add_argument("--batch-size", type=int, default=32, help="questions per batch; default 32")
+    add_run_arguments(p)
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -277,18 +293,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="answer length cap (default per task kind: synth 4, yes/no and multiple choice "
         "8, VQA 16, captions 64)",
     )
-    add_device_argument(p)
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="default float32")
     p.add_argument("--output", default=None, help="directory for results (default: runs/eval-*)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    check_run_arguments(p, args)
     if args.tokens is not None and args.tokens < 1:
         p.error(f"--tokens must be >= 1, got {args.tokens}")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
-    if args.batch_size < 1:
-        p.error("--batch-size must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     return args

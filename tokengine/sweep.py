@@ -30,7 +30,6 @@ from tokengine.engine import Engine
 from tokengine.models import tiny
 from tokengine.models.reducer import REDUCERS
 from tokengine.scaling import fit_power_law
-from tokengine.validation import add_device_argument
 
 POINTS_FILE = "points.jsonl"
 R2_HOLDS = 0.9  # R^2 of the log-log line from which we say the power law holds
@@ -64,24 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fusion,fusion-noq,pool-avg",
         help=f"comma-separated, from {', '.join(REDUCERS)}",
     )
-    p.add_argument(
-        "--tasks",
-        nargs="+",
-        default=["synth"],
-        help="synth, a family name, or VLMEvalKit .tsv paths; default synth",
-    )
-    p.add_argument("--model", default=tiny.DEFAULT_MODEL, help="shipped model name or directory")
+    tk_eval.add_run_arguments(p)
     p.add_argument(
         "--noq-model",
         default=None,
         help="model for fusion-noq points (the question-free fine-tuned ablation); "
         "default: <model>-noq when shipped, else --model",
     )
-    p.add_argument("--limit", type=int, default=None, help="samples per task")
-    p.add_argument("--batch-size", type=int, default=32, help="questions per batch; default 32")
-    add_device_argument(p)
-    p.add_argument("--dtype", choices=tk_eval.DTYPES, default="float32", help="default float32")
-    p.add_argument("--seed", type=int, default=0, help="seed of a randomly initialised model")
     p.add_argument(
         "--output",
         default="runs/sweep",
@@ -97,8 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--n-boot", type=int, default=2000, help="bootstrap resamples per fit; default %(default)s"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    tk_eval.check_run_arguments(p, args)
     try:
         args.tokens = [int(t) for t in args.tokens.split(",")]
     except ValueError:
@@ -112,8 +100,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if twice:
             p.error(f"{flag} names {', '.join(twice)} more than once")
     for flag, value, least in (
-        ("--limit", args.limit, 1),
-        ("--batch-size", args.batch_size, 1),
         ("--max-points", args.max_points, 0),
         ("--n-boot", args.n_boot, 1),
     ):
