@@ -14,7 +14,8 @@
 #   A-select fusion, seed 0, --select-image, stage c on cache A   <- does N_l=1 then score lower?
 # FAMILY_WEIGHTS (e.g. counting=2,spatial=6,text=2,chart=2) is passed to every run's stage c.
 # Each model directory (with its log) comes back as a .tgz under $OUT; score them on the test
-# split where they land (python -m tokengine.eval / tokengine.training.scoring.evaluate_split), not on the device.
+# split where they land (python -m tokengine.eval or tokengine.training.scoring.evaluate_split),
+# not on the device.
 OUT=${OUT:-runs/gpu-train}
 R=/tmp/gpu-train  # caches (GiBs) stay on the machine
 VISION_MIN=${VISION_MIN:-2}
