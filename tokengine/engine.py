@@ -179,7 +179,8 @@ class Engine:
         n_image = self.check_tokens(tokens, reducer)
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be >= 1")
-        self._check_length(questions, n_image, max_new_tokens)
+        prompts = [self._prompt_ids(q, n_image) for q in questions]
+        self._check_length(prompts, n_image, max_new_tokens)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         result = GenerationResult([], [], {})
@@ -187,8 +188,13 @@ class Engine:
         decoded = 0
         for start in range(0, len(questions), batch_size):
             stop = start + batch_size
-            ids, steps, ttft, stages, n_image = self._generate_batch(
-                images[start:stop], questions[start:stop], tokens, reducer, max_new_tokens
+            ids, steps, ttft, stages = self._generate_batch(
+                images[start:stop],
+                questions[start:stop],
+                prompts[start:stop],
+                n_image,
+                reducer,
+                max_new_tokens,
             )
             for key in totals:
                 totals[key] += stages[key]
@@ -208,7 +214,7 @@ class Engine:
         return result
 
     @torch.inference_mode()
-    def _generate_batch(self, images, questions, tokens, reducer, max_new_tokens):
+    def _generate_batch(self, images, questions, prompts, n_image, reducer, max_new_tokens):
         vlm, device = self.vlm, self.device
         self._eos = self._eos.to(device)
         clock = _StageClock(device)
@@ -216,7 +222,6 @@ class Engine:
         pixels = preprocess_images(images, vlm.image_processor).to(device, vlm.dtype)
         features = self._encode(pixels)  # (B, N, Dv)
         clock.mark("vision_ms")
-        n_image = features.shape[1] if tokens is None else tokens
         question = cu = scores = None
         if reducer in QUESTION_READERS:
             question, cu = self._question_embeddings(questions)
@@ -234,7 +239,6 @@ class Engine:
         image_embeds = vlm.project(reduced)  # (B, N_l, Dlm)
         clock.mark("reduce_ms")
 
-        prompts = [self._prompt_ids(q, n_image) for q in questions]
         B, S = len(prompts), max(len(p) for p in prompts)
         if self.compiled:
             S = -(-S // self.PROMPT_BUCKET) * self.PROMPT_BUCKET
@@ -269,7 +273,7 @@ class Engine:
         ttft = sum(stages[k] for k in ("vision_ms", "reduce_ms", "prefill_ms"))
         generated = torch.stack(out, 1).tolist()
         steps = len(out) - 1
-        return [self._until_eos(g) for g in generated], steps, ttft, stages, n_image
+        return [self._until_eos(g) for g in generated], steps, ttft, stages
 
     def _prefill_step(self, embeds, slots, positions, key_mask):
         """Prompts (B, S, D) at cache slots (S,) -> the first answer tokens (B,), EOS or not."""
@@ -292,12 +296,12 @@ class Engine:
         flat = torch.tensor([t for q in ids for t in q], dtype=torch.long, device=self.device)
         return self.vlm.lm.embed(flat), cu.to(self.device)
 
-    def _check_length(self, questions: Sequence[str], n_image: int, max_new_tokens: int) -> None:
-        """Every prompt and its answer must fit the LM's positions (RoPE would run past them,
-        as in transformers, but on positions the model never saw)."""
+    def _check_length(self, prompts: list[list[int]], n_image: int, max_new_tokens: int) -> None:
+        """Every prompt (ids, image slots expanded) and its answer must fit the LM's positions
+        (RoPE would run past them, as in transformers, but on positions the model never saw)."""
         limit = self.vlm.config.text.max_position_embeddings
-        for i, q in enumerate(questions):
-            need = len(self._prompt_ids(q, n_image)) + max_new_tokens
+        for i, p in enumerate(prompts):
+            need = len(p) + max_new_tokens
             if need > limit:
                 raise ValueError(
                     f"questions[{i}] needs {need} positions (its prompt with {n_image} image "
