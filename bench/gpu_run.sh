@@ -4,9 +4,10 @@
 # The lent machines have no network, so this uses the machine's own python3 (torch, triton,
 # transformers, pytest-xdist installed) with no virtualenv, and builds tokengine._C in place.
 # Steps, most important first, each under its own time limit (4.5 minutes on an H100):
-# build with CUDA (sm_90) -> op and model-parity tests on CUDA -> the kernel-core issue's GPU
-# goals (bench/gpu_goals.py) -> TTFT per N_l at LLaVA-1.5-7B shapes (bench/llava7b_ttft.py)
-# -> the shipped tokengine-tiny's accuracy on CUDA -> the pytest benchmark table.
+# build with CUDA (sm_90) -> op, model-parity and compiled-Engine tests on CUDA -> the
+# kernel-core issue's GPU goals (bench/gpu_goals.py) -> TTFT per N_l at LLaVA-1.5-7B shapes
+# (bench/llava7b_ttft.py) -> the shipped tokengine-tiny's accuracy on CUDA -> the pytest
+# benchmark table.
 # Commit what it prints under bench/results/ with the card's name, the date and this command.
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d)}
 # At most 8 files come back from the device: run.log (everything printed), build.log,
@@ -25,9 +26,10 @@ TOKENGINE_FORCE_CUDA=1 TOKENGINE_CUDA_ARCHS=90 MAX_JOBS=16 timeout 300 \
   python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || tail -30 "$OUT/build.log"
 python3 -m tokengine.info
 
-step "op tests and model parity on CUDA (every backend, every dtype)"
+step "op tests, model parity and the compiled Engine on CUDA (every backend, every dtype)"
 timeout 240 python3 -m pytest tests/test_token_pool.py tests/test_qc_attention.py \
-  tests/test_models.py -q -rfE -n 8 -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  tests/test_models.py "tests/test_engine.py::test_compiled_decode_gives_the_same_answers" \
+  -q -rfE -n 8 -p no:cacheprovider > "$OUT/tests.log" 2>&1
 tail -25 "$OUT/tests.log"
 
 step "GPU goals: token_pool vs copy bandwidth, qc_cross_attention vs cat + SDPA (bf16)"
@@ -36,7 +38,7 @@ timeout 90 python3 bench/gpu_goals.py --json "$OUT/goals.json"
 step "TTFT per N_l, LLaVA-1.5-7B shapes, float16, random weights"
 timeout 120 python3 bench/llava7b_ttft.py --repeats 5 --json "$OUT/ttft.json"
 
-step "shipped tokengine-tiny on CUDA (the CPU gives 66.2% at N_l=256)"
+step "shipped tokengine-tiny on CUDA (the CPU gives 80.1% at N_l=256)"
 timeout 90 python3 -m tokengine.eval --tokens 256 --device cuda --output /tmp/tokengine-eval \
   && cp /tmp/tokengine-eval/results.json "$OUT/eval.json"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -337,11 +338,23 @@ def test_fusion_reducer_round_trips_through_save_pretrained(vlm, tmp_path):
     assert a.token_ids == b.token_ids
 
 
-def test_compiled_decode_gives_the_same_answers(vlm):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_compiled_decode_gives_the_same_answers(vlm, device):
     """``compile=True`` (torch.compile'd vision, prefill and decode step; bucketed prompt and
     cache lengths) changes speed only; the second call reuses the graphs and the zeroed cache of
-    the first."""
+    the first. On CUDA, inductor writes Triton kernels (bench/gpu_run.sh runs that case)."""
     pytest.importorskip("torch._inductor")
+    if device != "cpu":
+        vlm = copy.deepcopy(vlm).to(device)
     imgs = images(3, seed=2)
     eager = Engine(vlm).generate(imgs, QUESTIONS[:3], tokens=16, reducer="fusion",
                                  max_new_tokens=5, batch_size=3)  # fmt: skip
