@@ -171,6 +171,33 @@ def test_train_cli_select_image_makes_and_continues_such_a_reducer(tmp_path):
     assert not torch.equal(continued.state_dict()[w], trained.state_dict()[w])  # trained on
 
 
+def test_train_cli_init_continues_a_reducer_of_another_shape(tmp_path):
+    """``--init`` continues the model as saved: a reducer with more blocks than
+    ``random_tiny``'s keeps them all, and trains them."""
+    from dataclasses import replace
+
+    from tokengine.models.reducer import FusionReducer
+    from tokengine.train import main
+
+    first, deeper, second = tmp_path / "first", tmp_path / "deeper", tmp_path / "second"
+    small = ["--cache", str(tmp_path / "c"), "--cache-samples", "16", "--val-samples", "8",
+             "--steps", "2", "--batch-size", "8", "--tokens", "1,4", "--warmup", "1",
+             "--save-every", "0", "--val-every", "0"]  # fmt: skip
+    main(["--output", str(first), "--vision-steps", "1", "--vision-batch-size", "8", *small])
+    vlm = VLM.from_pretrained(first)
+    cfg = vlm.reducer.config
+    grown = FusionReducer(replace(cfg, num_layers=cfg.num_layers + 1))
+    missing = grown.load_state_dict(vlm.reducer.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(f"blocks.{cfg.num_layers}.") for k in missing)
+    vlm.reducer = grown
+    vlm.save_pretrained(deeper)
+    main(["--output", str(second), "--init", str(deeper), *small])
+    continued = VLM.from_pretrained(second)
+    assert continued.reducer.config.num_layers == cfg.num_layers + 1
+    w = f"reducer.blocks.{cfg.num_layers}.mlp.0.weight"
+    assert not torch.equal(continued.state_dict()[w], VLM.from_pretrained(deeper).state_dict()[w])
+
+
 def test_train_cli_vision_from_takes_only_the_vit(tmp_path, monkeypatch):
     """``--vision-from`` skips stage a and caches with the given model's ViT, and stage c starts
     from the seed's initialisation of everything else (not from that model's)."""

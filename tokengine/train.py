@@ -173,7 +173,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--init", default=None, help="start stage c from this model directory")
+    start.add_argument(
+        "--init",
+        default=None,
+        help="continue this model directory in stage c, as saved (its reducer's shape too)",
+    )
     start.add_argument(
         "--vision-from",
         default=None,
@@ -283,12 +287,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache) if args.cache else out.parent / f".cache-{out.name}"
 
-    init = VLM.from_pretrained(args.init) if args.init else None
-    select = init.reducer.config.select_image if init else args.select_image
-    vlm = random_tiny(args.seed, select_image=select).to(args.device)
-    if init:  # continue from a saved model (fresh optimiser and schedule)
-        vlm.load_state_dict(init.state_dict())
+    if args.init:  # continue a saved model as it is, its reducer's shape included
+        vlm = VLM.from_pretrained(args.init).to(args.device)  # (fresh optimiser and schedule)
         log(f"initialised from {args.init}")
+    else:
+        vlm = random_tiny(args.seed, select_image=args.select_image).to(args.device)
     if args.vision_from:  # its ViT; the reducer, projector and LM as initialised above
         vlm.vision.load_state_dict(VLM.from_pretrained(args.vision_from).vision.state_dict())
         log(f"ViT from {args.vision_from}")
