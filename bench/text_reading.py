@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from token_probe import probe_accuracy  # a script beside this one
-from token_usage import trained_engine  # a script beside this one
+from token_probe import checked_engine, probe_accuracy  # a script beside this one
 from torch import nn
 
 from tokengine.data.synthetic import GRID, Sample, normalize_answer
@@ -136,20 +135,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100, help="questions per batch")
     p.add_argument("--json", type=Path, help="write the numbers here")
     args = p.parse_args()
-    try:
-        tokens = [int(t) for t in args.tokens.split(",")]
-    except ValueError:
-        p.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
-    for flag, value in (("--train", args.train), ("--held-out", args.held_out),
-                        ("--batch-size", args.batch_size)):  # fmt: skip
-        if value < 1:
-            p.error(f"{flag} must be >= 1, got {value}")
-    engine = trained_engine(p, args.model)
-    for n in tokens:
-        try:
-            engine.check_tokens(n, "fusion")
-        except ValueError as exc:
-            p.error(f"--tokens: {exc}")
+    engine, tokens = checked_engine(p, args, "fusion")
     for block in engine.vlm.reducer.blocks:
         block.cross_attn = RecordedMass(block.cross_attn)
     t0 = time.perf_counter()

@@ -103,6 +103,29 @@ def family_probe(engine: Engine, family: str, reducer: str, tokens: list[int], n
     return out
 
 
+def checked_engine(
+    p: argparse.ArgumentParser, args: argparse.Namespace, reducer: str
+) -> tuple[Engine, list[int]]:
+    """The trained Engine of ``args.model`` and the N_l of ``args.tokens``, after the checks
+    this script shares with text_reading.py (``--tokens``, ``--train``, ``--held-out``,
+    ``--batch-size``); a bad value is a usage error."""
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        p.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
+    for flag, value in (("--train", args.train), ("--held-out", args.held_out),
+                        ("--batch-size", args.batch_size)):  # fmt: skip
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    engine = trained_engine(p, args.model)
+    for n in tokens:
+        try:
+            engine.check_tokens(n, reducer)
+        except ValueError as exc:
+            p.error(f"--tokens: {exc}")
+    return engine, tokens
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=tiny.DEFAULT_MODEL, help="a shipped name or a directory")
@@ -114,23 +137,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--json", type=Path, help="write the numbers here")
     args = p.parse_args()
-    try:
-        tokens = [int(t) for t in args.tokens.split(",")]
-    except ValueError:
-        p.error(f"--tokens must be comma-separated integers, got {args.tokens!r}")
     families = args.families.split(",")
     if unknown := [f for f in families if f not in FAMILIES]:
         p.error(f"--families: unknown {unknown}; choose from {', '.join(FAMILIES)}")
-    for flag, value in (("--train", args.train), ("--held-out", args.held_out),
-                        ("--batch-size", args.batch_size)):  # fmt: skip
-        if value < 1:
-            p.error(f"{flag} must be >= 1, got {value}")
-    engine = trained_engine(p, args.model)
-    for n in tokens:
-        try:
-            engine.check_tokens(n, args.reducer)
-        except ValueError as exc:
-            p.error(f"--tokens: {exc}")
+    engine, tokens = checked_engine(p, args, args.reducer)
     engine.vlm.reducer = RecordedTokens(engine.vlm.reducer)
     t0 = time.perf_counter()
     head = ["family", "majority", *(f"{w}@{n}" for n in tokens for w in ("model", "probe"))]
