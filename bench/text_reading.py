@@ -108,10 +108,10 @@ def attention_shares(
     ids = np.stack([s.meta["id_grid"].ravel() for s in samples])  # (R, GRID * GRID)
     asked = ids == np.array([asked_object(s) for s in samples])[:, None]
     chars = np.stack([np.isin(ids[i], s.meta.get("char_ids", [])) for i, s in enumerate(samples)])
-    out.update(mass_shares(np.ones(ids.shape) / ids.shape[1], asked, chars & ~asked, "uniform"))
+    others = chars & ~asked
+    out.update(mass_shares(np.ones(ids.shape) / ids.shape[1], asked, others, "uniform"))
     for b, r in enumerate(recorders):
-        mass = torch.cat(r.masses).numpy()
-        out.update(mass_shares(mass, asked, chars & ~asked, f"block {b + 1}"))
+        out.update(mass_shares(torch.cat(r.masses).numpy(), asked, others, f"block {b + 1}"))
     return out
 
 
