@@ -156,6 +156,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="weight of the training-only answer probe on the reduced tokens; default %(default)s",
     )
     p.add_argument(
+        "--attend-weight",
+        type=float,
+        default=0.0,
+        help="weight of a loss asking the last fusion block's cross-attention to put its image "
+        "mass on the asked character's patches, on text questions (the cache's records must "
+        "name them: caches built since 2026-11-28 do); default %(default)s",
+    )
+    p.add_argument(
         "--select-image",
         action="store_true",
         help="a new reducer whose output tokens are question-chosen mixes of image tokens, "
@@ -214,6 +222,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.decay_start < 1:
         p.error(f"--decay-start must be in [0, 1), got {args.decay_start}")
+    if args.attend_weight and args.variant != "fusion":
+        p.error("--attend-weight needs --variant fusion (without the question, the reducer "
+                "cannot know which character is asked)")  # fmt: skip
     if args.select_image and args.init:
         p.error("--select-image: a model given by --init keeps its own reducer")
     for flag, path in (("--init", args.init), ("--vision-from", args.vision_from)):
@@ -223,7 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--pool-share must be in [0, 1], got {args.pool_share}")
     at_least = {  # flag: the smallest value that means something
         "minutes": 0, "steps": 0, "vision_minutes": 0, "vision_steps": 0, "min_batch": 0,
-        "probe_weight": 0, "val_every": 0, "save_every": 0, "workers": 0,
+        "probe_weight": 0, "attend_weight": 0, "val_every": 0, "save_every": 0, "workers": 0,
         "vision_batch_size": 1, "cache_samples": 1, "val_samples": 1, "batch_size": 1,
         "warmup": 1, "threads": 1, "test_per_family": 1,
     }  # fmt: skip

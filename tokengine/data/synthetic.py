@@ -62,6 +62,7 @@ __all__ = [
     "SHAPES",
     "Sample",
     "answer_vocabulary",
+    "asked_cells",
     "dense_labels",
     "generate",
     "iter_test_split",
@@ -793,6 +794,19 @@ def split_hash(samples: Iterable[Sample]) -> str:
     for s in samples:
         _update_hash(h, s)
     return h.hexdigest()
+
+
+def asked_cells(sample: Sample) -> np.ndarray:
+    """The patches (row-major indices into the GRID×GRID grid) of the object a text or
+    small-object question asks about: the asked character or the dot."""
+    meta = sample.meta
+    if sample.family == "text":
+        asked = meta["char_ids"][meta["char_index"]]
+    elif sample.family == "small_object":
+        asked = meta["dot_id"]
+    else:
+        raise ValueError(f"sample must be a text or small_object question, got {sample.family!r}")
+    return np.flatnonzero(meta["id_grid"].ravel() == asked)
 
 
 def dense_labels(sample: Sample) -> dict[str, np.ndarray]:

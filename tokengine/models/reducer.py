@@ -12,6 +12,8 @@ one softmax and, at initialisation, reach the queries with ~1% of the attention 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -204,6 +206,33 @@ class FusionReducer(nn.Module):
         return self.norm_out(x)
 
 
+@contextmanager
+def recorded_attn_mass(attention: QCCrossAttention) -> Iterator[list[torch.Tensor]]:
+    """Inside the ``with``, each call of ``attention`` also computes the attention mass each
+    image token receives ((B, N) float32, ``return_attn_mass``) and appends it, with its
+    autograd graph, to the yielded list; the call still returns its output alone, so the
+    module around it runs unchanged (and its state dict keeps its keys)."""
+    masses: list[torch.Tensor] = []
+
+    def ask(module, args, kwargs):
+        return args, {**kwargs, "return_attn_mass": True}
+
+    def keep(module, args, kwargs, output):
+        out, mass = output
+        masses.append(mass)
+        return out
+
+    handles = [
+        attention.register_forward_pre_hook(ask, with_kwargs=True),
+        attention.register_forward_hook(keep, with_kwargs=True),
+    ]
+    try:
+        yield masses
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _standardise(x: torch.Tensor) -> torch.Tensor:
     """x normalised over its last dimension (mean 0, variance 1), no learned scale."""
     return F.layer_norm(x, x.shape[-1:])
@@ -295,6 +324,7 @@ __all__ = [
     "check_reduction",
     "FusionReducer",
     "question_guided_scores",
+    "recorded_attn_mass",
     "reduce_tokens",
     "sincos_positions",
 ]

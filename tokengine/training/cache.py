@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokengine.data.synthetic import FAMILIES, GRID, train_stream
+from tokengine.data.synthetic import FAMILIES, GRID, asked_cells, train_stream
 from tokengine.engine import LLAVA_TEMPLATE
 from tokengine.models import VLM
 from tokengine.models.preprocess import preprocess_images
@@ -48,10 +48,13 @@ def _records(vlm: VLM, samples) -> list[dict]:
         ans = tok.encode(s.answer, add_special_tokens=False).ids
         if len(ans) != 1:
             raise ValueError(f"answer {s.answer!r} is not one token")
-        recs.append({
+        rec = {
             "pre": pre, "post": post, "answer": ans[0], "family": FAMILIES.index(s.family),
             "question": tok.encode(s.question, add_special_tokens=False).ids,
-        })  # fmt: skip
+        }  # fmt: skip
+        if s.family == "text":  # where the asked character is, for --attend-weight
+            rec["attend"] = asked_cells(s).tolist()
+        recs.append(rec)
     return recs
 
 

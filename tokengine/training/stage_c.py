@@ -8,7 +8,9 @@ log-uniform over the sweep's points) and goes through the fusion reducer — wit
 (``USER: <image>\\n{question} ASSISTANT:``, ``<s>`` first, ``<image>`` expanded to N_l slots);
 the loss is cross-entropy on the answer token and EOS, plus (weight ``--probe-weight``) a
 training-only linear probe that reads the answer off the mean reduced token and the mean
-question embedding, a short gradient path into the reducer (:class:`AnswerProbe`; not saved).
+question embedding, a short gradient path into the reducer (:class:`AnswerProbe`; not saved),
+and (weight ``--attend-weight``, default 0) on text questions, :func:`attend_loss`: the last
+fusion block's cross-attention asked to put its image mass on the asked character's patches.
 Validation runs on a held-out slice of the training stream (another stream seed, never the test
 split). State is saved every ``--save-every`` steps; ``--resume`` continues from it.
 """
@@ -21,6 +23,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +34,7 @@ from tqdm import tqdm
 
 from tokengine.data.synthetic import FAMILIES, GRID
 from tokengine.models import VLM
-from tokengine.models.reducer import packed_segment_ids, reduce_tokens
+from tokengine.models.reducer import packed_segment_ids, recorded_attn_mass, reduce_tokens
 from tokengine.models.tiny import EOS_ID, IMAGE_ID, PAD_ID
 from tokengine.training.cache import load_features
 from tokengine.training.common import STATE_FILE, model_device, optimizer_step, segment_mean
@@ -91,6 +94,21 @@ def lm_batch(vlm: VLM, feats: torch.Tensor, recs: list[dict], tokens: int, reduc
     if probe is not None:
         return logits[rows, cols], targets, probe(reduced, question, cu)
     return logits[rows, cols], targets
+
+
+def attend_loss(mass: torch.Tensor, recs: list[dict]) -> torch.Tensor:
+    """Mean over the batch of -log(share of the image attention mass on the asked patches),
+    over the records that name them (``"attend"``; 0 for the others).
+
+    ``mass`` (B, N): the attention mass each image token received (``return_attn_mass``).
+    """
+    target = torch.zeros(mass.shape, dtype=torch.bool)
+    for b, r in enumerate(recs):
+        target[b, r.get("attend", [])] = True
+    target = target.to(mass.device)
+    share = (mass * target).sum(1) / mass.sum(1).clamp_min(1e-12)
+    named = target.any(1)
+    return -(share.clamp_min(1e-6).log() * named).sum() / len(recs)
 
 
 def causal_lm(lm, embeds: torch.Tensor) -> torch.Tensor:
@@ -216,6 +234,11 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
     params = [p for name, p in vlm.named_parameters() if not name.startswith("vision.")]
     params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    if args.attend_weight and not any("attend" in r for r in recs):
+        raise ValueError(
+            f"--attend-weight: the cache {cache} names no asked patches (its records have no "
+            "'attend'); build a new cache"
+        )
     rng = random.Random(args.seed)
     state_file = out / STATE_FILE
     step, spent, hist, val_log, cursor, seen = 0, 0.0, [], [], 0, 0
@@ -259,10 +282,19 @@ def train_lm(vlm: VLM, args, cache: Path, out: Path, log) -> dict:
         seen += bs
         reducer = "pool-avg" if rng.random() < args.pool_share else args.variant
         batch = [recs[i] for i in idx]
-        logits, targets, probed = lm_batch(vlm, feats[idx].float(), batch, tokens, reducer, probe)
+        recording = (
+            recorded_attn_mass(vlm.reducer.blocks[-1].cross_attn)
+            if args.attend_weight and reducer != "pool-avg"
+            else nullcontext([])
+        )
+        with recording as masses:
+            logits, targets, probed = lm_batch(vlm, feats[idx].float(), batch, tokens, reducer,
+                                               probe)  # fmt: skip
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         if reducer != "pool-avg":
             loss = loss + args.probe_weight * F.cross_entropy(probed, targets[:, 0])
+        if masses:
+            loss = loss + args.attend_weight * attend_loss(masses[0], batch)
         hist.append(optimizer_step(opt, params, loss))
         step += 1
         bar.update()
