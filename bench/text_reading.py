@@ -29,39 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 from token_probe import checked_engine, probe_accuracy  # a script beside this one
-from torch import nn
 
-from tokengine.data.synthetic import GRID, Sample, normalize_answer
+from tokengine.data.synthetic import GRID, Sample, asked_cells, normalize_answer
 from tokengine.engine import Engine
 from tokengine.models import tiny
 from tokengine.models.preprocess import preprocess_images
+from tokengine.models.reducer import recorded_attn_mass
 from tokengine.training.scoring import validation_split
-
-
-class RecordedMass(nn.Module):
-    """Wraps a ``QCCrossAttention`` and keeps the attention mass of each call, (B, N) on CPU."""
-
-    def __init__(self, attention: nn.Module) -> None:
-        super().__init__()
-        self.attention = attention
-        self.masses: list[torch.Tensor] = []
-
-    def forward(self, queries, image, text=None, cu_seqlens_txt=None) -> torch.Tensor:
-        out, mass = self.attention(queries, image, text, cu_seqlens_txt, return_attn_mass=True)
-        self.masses.append(mass.float().cpu())
-        return out
-
-
-def asked_object(sample: Sample) -> int:
-    """The id of the object a text or small-object question asks about."""
-    if "char_ids" in sample.meta:
-        return sample.meta["char_ids"][sample.meta["char_index"]]
-    return sample.meta["dot_id"]
 
 
 def vit_probes(engine: Engine, samples: list[Sample], n_train: int, batch_size: int) -> dict:
@@ -76,7 +56,7 @@ def vit_probes(engine: Engine, samples: list[Sample], n_train: int, batch_size: 
     grid = torch.cat(grids)  # (R, GRID * GRID, Dv)
     covered, window = [], []
     for s, g in zip(samples, grid, strict=True):
-        cells = np.flatnonzero(s.meta["id_grid"].ravel() == asked_object(s))  # never empty
+        cells = asked_cells(s)  # never empty for the validation split's questions
         under = g[torch.from_numpy(cells)]
         covered.append(torch.cat([under.mean(0), under.amax(0)]))
         r, c = (min(int(v), GRID - 3) for v in divmod(int(cells.min()), GRID))
@@ -96,22 +76,27 @@ def attention_shares(
 ) -> dict[str, float]:
     """The model's accuracy on ``samples`` at N_l=``tokens`` and, per fusion block, the mean
     share of its cross-attention mass on the asked object, on other characters, and uniform."""
-    recorders = [block.cross_attn for block in engine.vlm.reducer.blocks]
-    for r in recorders:
-        r.masses = []
-    res = engine.generate([s.image for s in samples], [s.question for s in samples],
-                          tokens=tokens, reducer="fusion", max_new_tokens=4,
-                          batch_size=batch_size)  # fmt: skip
+    with ExitStack() as stack:
+        recorded = [stack.enter_context(recorded_attn_mass(block.cross_attn))
+                    for block in engine.vlm.reducer.blocks]  # fmt: skip
+        res = engine.generate([s.image for s in samples], [s.question for s in samples],
+                              tokens=tokens, reducer="fusion", max_new_tokens=4,
+                              batch_size=batch_size)  # fmt: skip
     pairs = zip(res.texts, samples, strict=True)
     right = [normalize_answer(s.family, t) == s.answer for t, s in pairs]
     out = {"accuracy": float(np.mean(right))}
     ids = np.stack([s.meta["id_grid"].ravel() for s in samples])  # (R, GRID * GRID)
-    asked = ids == np.array([asked_object(s) for s in samples])[:, None]
+    asked = np.zeros(ids.shape, dtype=bool)
+    for row, s in zip(asked, samples, strict=True):
+        row[asked_cells(s)] = True
     chars = np.stack([np.isin(ids[i], s.meta.get("char_ids", [])) for i, s in enumerate(samples)])
     others = chars & ~asked
     out.update(mass_shares(np.ones(ids.shape) / ids.shape[1], asked, others, "uniform"))
-    for b, r in enumerate(recorders):
-        out.update(mass_shares(torch.cat(r.masses).numpy(), asked, others, f"block {b + 1}"))
+    for b, masses in enumerate(recorded):
+        mass = torch.cat(masses).float().cpu().numpy()
+        if mass.shape != asked.shape:  # each batch's reducer call recorded once
+            raise RuntimeError(f"block {b + 1}: mass {mass.shape} for patches {asked.shape}")
+        out.update(mass_shares(mass, asked, others, f"block {b + 1}"))
     return out
 
 
@@ -136,8 +121,6 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the numbers here")
     args = p.parse_args()
     engine, tokens = checked_engine(p, args, "fusion")
-    for block in engine.vlm.reducer.blocks:
-        block.cross_attn = RecordedMass(block.cross_attn)
     t0 = time.perf_counter()
     text = validation_split("text", args.train + args.held_out)
     dots = validation_split("small_object", args.held_out)

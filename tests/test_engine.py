@@ -15,7 +15,12 @@ from tokenizers.processors import TemplateProcessing
 
 from tokengine.engine import Engine
 from tokengine.models import VLM, LMConfig, VisionConfig, VLMConfig
-from tokengine.models.reducer import FusionConfig, FusionReducer, sincos_positions
+from tokengine.models.reducer import (
+    FusionConfig,
+    FusionReducer,
+    recorded_attn_mass,
+    sincos_positions,
+)
 
 WORDS = [
     "USER",
@@ -314,6 +319,29 @@ def test_a_bad_request_is_refused_before_any_work(vlm):
     # the image would fail to load: the tokens are refused first
     with pytest.raises(ValueError, match="tokens must be in 1..576"):
         engine.generate(["/nowhere/image.png"], QUESTIONS[:1], tokens=577, reducer="fusion")
+
+
+def test_recorded_attn_mass_changes_nothing_and_keeps_each_calls_mass():
+    from tokengine.ops import QCCrossAttention
+
+    torch.manual_seed(0)
+    attn = QCCrossAttention(8, 2).double()
+    queries, image = torch.randn(3, 2, 8).double(), torch.randn(3, 5, 8).double()
+    text, cu = torch.randn(4, 8).double(), torch.tensor([0, 1, 1, 4], dtype=torch.int32)
+    want_out, want_mass = attn(queries, image, text, cu, return_attn_mass=True)
+    keys = list(attn.state_dict())
+    with recorded_attn_mass(attn) as masses:
+        out = attn(queries.requires_grad_(), image, text, cu)
+        attn(queries[:1], image[:1])
+    assert torch.equal(out, want_out)
+    assert [m.shape for m in masses] == [(3, 5), (1, 5)]
+    assert torch.allclose(masses[0].double(), want_mass, atol=1e-6)
+    # without a question every query's whole mass goes to the image
+    assert torch.allclose(masses[1].sum(1).double(), torch.ones(1).double())
+    masses[0][:, 0].sum().backward()  # the mass keeps its graph
+    assert queries.grad is not None and queries.grad.abs().sum() > 0
+    attn(queries, image)  # after the with: nothing recorded, the output alone
+    assert len(masses) == 2 and list(attn.state_dict()) == keys
 
 
 def test_fusion_needs_trained_weights(vlm):

@@ -246,6 +246,22 @@ def test_dense_labels():
     assert 0 <= gy < syn.GRID and 0 <= gx < syn.GRID
 
 
+@pytest.mark.parametrize("family", ["text", "small_object"])
+def test_asked_cells_are_the_asked_objects_patches(family):
+    for seed in range(40):
+        s = syn.generate(family, seed, 96)
+        cells = syn.asked_cells(s)
+        objects = np.unique(s.meta["id_grid"].ravel()[cells])
+        assert len(cells) and len(objects) == 1, s.uid  # one object, some patches
+        (obj,) = [o for o in s.meta["objects"] if o["id"] == objects[0]]
+        assert (obj["char"] if family == "text" else obj["colour"]) == s.answer
+
+
+def test_asked_cells_only_for_one_object_questions():
+    with pytest.raises(ValueError, match="text or small_object question, got 'colour'"):
+        syn.asked_cells(syn.generate("colour", 0, 96))
+
+
 def test_render_examples_grid(tmp_path):
     path = tmp_path / "grid.png"
     sheet = syn.render_examples_grid(str(path), image_size=96)

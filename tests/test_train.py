@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from itertools import islice
 from pathlib import Path
@@ -22,6 +23,7 @@ from tokengine.models import VLM
 from tokengine.models.tiny import (
     EOS_ID,
     IMAGE_ID,
+    IMAGE_SIZE,
     UNK_ID,
     available_models,
     build_tokenizer,
@@ -169,6 +171,48 @@ def test_train_cli_select_image_makes_and_continues_such_a_reducer(tmp_path):
     assert continued.reducer.config.select_image
     w = "reducer.select.o_proj.weight"
     assert not torch.equal(continued.state_dict()[w], trained.state_dict()[w])  # trained on
+
+
+def test_attend_loss_by_hand():
+    from tokengine.training.stage_c import attend_loss
+
+    # rows: image mass summing to 1, to 0.4 (the rest went to the question), no target
+    mass = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.2, 0.1, 0.1, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    recs = [{"attend": [0]}, {"attend": [0, 1]}, {}]
+    want = -(math.log(0.5) + math.log(0.3 / 0.4)) / 3
+    assert attend_loss(mass, recs).item() == pytest.approx(want)
+    assert attend_loss(mass, [{}, {}, {}]).item() == 0.0
+
+
+def test_train_cli_attend_weight_trains_on_the_cached_patches(tmp_path):
+    """Caches name the asked character's patches of each text record; ``--attend-weight``
+    adds a loss on them (the same run without it ends with other weights), and a cache
+    without them is refused."""
+    from tokengine.data.synthetic import asked_cells, train_sample
+    from tokengine.train import main
+
+    cache = tmp_path / "c"
+    small = ["--cache", str(cache), "--cache-samples", "16", "--val-samples", "8", "--steps",
+             "2", "--batch-size", "8", "--tokens", "1,4", "--warmup", "1", "--save-every", "0",
+             "--val-every", "0", "--pool-share", "0", "--vision-steps", "1",
+             "--vision-batch-size", "8"]  # fmt: skip
+    without = main(["--output", str(tmp_path / "without"), *small])
+    recs = json.loads((cache / "records.json").read_text())
+    first = without["cache"]["stage_a"]["images"]  # the cache's first stream index
+    for i, r in enumerate(recs):
+        if FAMILIES[r["family"]] == "text":
+            assert r["attend"] == asked_cells(train_sample(0, first + i, IMAGE_SIZE)).tolist()
+        else:
+            assert "attend" not in r
+    main(["--output", str(tmp_path / "with"), "--attend-weight", "1", *small])
+    w = "reducer.blocks.1.cross_attn.q_proj.weight"
+    a, b = (VLM.from_pretrained(tmp_path / d).state_dict()[w] for d in ("without", "with"))
+    assert not torch.equal(a, b)
+    (cache / "records.json").write_text(json.dumps([
+        {k: v for k, v in r.items() if k != "attend"} for r in recs
+    ]))  # fmt: skip
+    with pytest.raises(ValueError, match="--attend-weight: the cache .* names no asked patches"):
+        main(["--output", str(tmp_path / "refused"), "--attend-weight", "1", *small])
 
 
 def test_train_cli_init_continues_a_reducer_of_another_shape(tmp_path):
@@ -393,6 +437,8 @@ def test_stage_c_lr_warms_up_holds_then_decays():
         (["--vision-from", "/nowhere/model"], "--vision-from /nowhere/model is not a model"),
         (["--init", "a", "--vision-from", "b"], "not allowed with argument --init"),
         (["--init", "a", "--select-image"], "--select-image: a model given by --init keeps its"),
+        (["--attend-weight", "-1"], "--attend-weight must be >= 0, got -1.0"),
+        (["--variant", "fusion-noq", "--attend-weight", "1"], "--attend-weight needs --variant"),
     ]
     + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "sees no CUDA device")]),
 )

@@ -209,7 +209,7 @@ class FusionReducer(nn.Module):
 @contextmanager
 def recorded_attn_mass(attention: QCCrossAttention) -> Iterator[list[torch.Tensor]]:
     """Inside the ``with``, each call of ``attention`` also computes the attention mass each
-    image token receives ((B, N) float32, ``return_attn_mass``) and appends it, with its
+    image token receives ((B, N), ``return_attn_mass``) and appends it, with its
     autograd graph, to the yielded list; the call still returns its output alone, so the
     module around it runs unchanged (and its state dict keeps its keys)."""
     masses: list[torch.Tensor] = []
