@@ -211,7 +211,8 @@ def recorded_attn_mass(attention: QCCrossAttention) -> Iterator[list[torch.Tenso
     """Inside the ``with``, each call of ``attention`` also computes the attention mass each
     image token receives ((B, N), ``return_attn_mass``) and appends it, with its
     autograd graph, to the yielded list; the call still returns its output alone, so the
-    module around it runs unchanged (and its state dict keeps its keys)."""
+    module around it runs unchanged (and its state dict keeps its keys). For callers that do
+    not ask for the mass themselves (a call that does gets its output alone here too)."""
     masses: list[torch.Tensor] = []
 
     def ask(module, args, kwargs):
