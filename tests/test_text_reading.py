@@ -1,4 +1,4 @@
-"""bench/text_reading.py: the shares, the probes and attention through the Engine, the whole run."""
+"""bench/text_reading.py: shares by hand, attention and probes through the Engine, a CLI error."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def test_mass_shares_by_hand():
 
 def test_attention_shares_and_probes_through_the_engine():
     from tokengine.engine import Engine
+    from tokengine.models.reducer import recorded_attn_mass
     from tokengine.models.tiny import random_tiny
 
     tr = bench_script("text_reading")
@@ -40,6 +41,11 @@ def test_attention_shares_and_probes_through_the_engine():
     assert all(0.0 <= v <= 1.0 for v in shares.values())
     for b in range(1, blocks + 1):
         assert shares[f"block {b}: on asked"] + shares[f"block {b}: on other chars"] <= 1 + 1e-6
+    # the recorder sees every batch's reducer call once per block: 3 + 3 + 1 rows
+    with recorded_attn_mass(engine.vlm.reducer.blocks[0].cross_attn) as masses:
+        engine.generate([s.image for s in samples[:7]], [s.question for s in samples[:7]],
+                        tokens=4, reducer="fusion", max_new_tokens=4, batch_size=3)  # fmt: skip
+    assert sum(m.shape[0] for m in masses) == 7
     probes = tr.vit_probes(engine, samples, n_train=10, batch_size=4)
     assert len(probes) == 3 and all(0.0 <= v <= 1.0 for v in probes.values())
 
