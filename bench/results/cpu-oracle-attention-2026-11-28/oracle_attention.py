@@ -120,7 +120,10 @@ def main() -> None:
                     texts = answers(engine, samples, tokens, *cond, args.batch_size)
                 if name == "all patches" and texts != base:
                     raise RuntimeError("the masked path with every patch allowed changed answers")
-                got = [normalize_answer("text", x) == s.answer for x, s in zip(texts, samples)]
+                got = [
+                    normalize_answer("text", x) == s.answer
+                    for x, s in zip(texts, samples, strict=True)
+                ]
                 row[name] = float(np.mean(got))
                 print(f"{model} N_l={tokens} {name}: {row[name]:.3f} "
                       f"({time.perf_counter() - t:.0f} s)", flush=True)  # fmt: skip
