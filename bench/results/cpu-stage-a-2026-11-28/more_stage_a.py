@@ -1,0 +1,56 @@
+"""Stage a again on a trained ViT: does its per-patch character reading keep improving with more
+images (V1: ViT and fresh heads trained), beside the same heads trained on the frozen ViT (V0)?
+
+    python bench/results/cpu-stage-a-2026-11-28/more_stage_a.py OUT --steps S [--frozen]
+        [--model tokengine-tiny] [--seed 5] [--batch-size 128] [--threads 2]
+
+Runs ``tokengine.training.vision.train_vision`` (stage a as ``python -m tokengine.train`` runs
+it: the same heads, losses, learning-rate schedule and held-out patch accuracy) from the
+model's ViT for S steps. With ``--frozen`` only the heads learn. Writes OUT/stage_a.json and,
+for V1, OUT/model: the model with its ViT replaced (the rest is the model's own, so only its
+ViT grid is meaningful, e.g. for ``bench/text_reading.py``'s probes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from tokengine.models import VLM, tiny
+from tokengine.training.vision import train_vision
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--frozen", action="store_true", help="train the heads alone")
+    p.add_argument("--model", default="tokengine-tiny")
+    p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3, help="train's --vision-lr default")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # the heads' initialisation
+    path = tiny.shipped_path(args.model) if args.model in tiny.available_models() else args.model
+    vlm = VLM.from_pretrained(path)
+    if args.frozen:
+        vlm.vision.requires_grad_(False)  # AdamW skips parameters without a gradient
+    run = SimpleNamespace(vision_steps=args.steps, vision_minutes=0, vision_lr=args.lr,
+                          vision_batch_size=args.batch_size, seed=args.seed, workers=0,
+                          val_every=1)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = train_vision(vlm, run, print)
+    (args.out / "stage_a.json").write_text(json.dumps({"argv": vars(args) | {"out": str(args.out)},
+                                                       "stage_a": res}, indent=1) + "\n")  # fmt: skip
+    if not args.frozen:
+        vlm.save_pretrained(args.out / "model")
+
+
+if __name__ == "__main__":
+    main()
