@@ -6,8 +6,8 @@ softmax as always).
         [--questions 400] [--tokens 1,576] [--json PATH]
 
 For each model, N_l and condition, the text questions of the validation split are answered by
-the Engine with each chosen block's cross-attention logits set to -inf on the image patches
-outside the allowed set. Conditions: ``as trained`` (no change), ``all patches`` (the masked
+the Engine with each chosen block's cross-attention seeing only the allowed image patches
+(and the question). Conditions: ``as trained`` (no change), ``all patches`` (the masked
 path with every patch allowed: must give the same answers, which checks the path), ``word,
 both blocks``, ``asked, last block`` and ``asked, both blocks``.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 import types
 from pathlib import Path
@@ -27,19 +26,21 @@ import torch
 from tokengine.data.synthetic import GRID, asked_cells, normalize_answer
 from tokengine.engine import Engine
 from tokengine.models import tiny
+from tokengine.ops import qc_cross_attention
 from tokengine.training.scoring import validation_split
 
 
 def masked_cross_attention(self, queries, image, text=None, cu_seqlens_txt=None, *,
                            return_attn_mass=False):  # fmt: skip
-    """QCCrossAttention.forward with image keys outside ``self.allowed`` (B, N) masked out."""
+    """QCCrossAttention.forward with only the image keys in ``self.allowed`` (B, N): each sample
+    is one call of the op on its allowed patches and its question (a masked-out key is one the
+    softmax never sees, as with a -inf logit)."""
     if return_attn_mass:
         raise ValueError("the masked path does not return the mass")
     B, L, _ = queries.shape
     N, H, Hkv, Dh = image.shape[1], self.num_heads, self.num_kv_heads, self.head_dim
     if self.allowed.shape != (B, N):
         raise ValueError(f"allowed is {tuple(self.allowed.shape)}, the batch needs {(B, N)}")
-    scale = self.softmax_scale or 1.0 / math.sqrt(Dh)
     q = self.q_proj(queries).view(B, L, H, Dh)
     k = self.k_proj(image).view(B, N, Hkv, Dh)
     v = self.v_proj(image).view(B, N, Hkv, Dh)
@@ -48,13 +49,12 @@ def masked_cross_attention(self, queries, image, text=None, cu_seqlens_txt=None,
     outs = []
     for b in range(B):
         s, e = int(cu_seqlens_txt[b]), int(cu_seqlens_txt[b + 1])
-        kb = torch.cat([k[b], k_txt[s:e]]).repeat_interleave(H // Hkv, dim=1)  # (S, H, Dh)
-        vb = torch.cat([v[b], v_txt[s:e]]).repeat_interleave(H // Hkv, dim=1)
-        logits = torch.einsum("lhd,shd->hls", q[b], kb) * scale
-        keep = torch.cat([self.allowed[b], torch.ones(e - s, dtype=torch.bool)])
-        p = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
-        outs.append(torch.einsum("hls,shd->lhd", p, vb))
-    return self.o_proj(torch.stack(outs).reshape(B, L, H * Dh))
+        keep = self.allowed[b]
+        cu = torch.tensor([0, e - s], dtype=torch.int32)
+        outs.append(qc_cross_attention(q[b : b + 1], k[b : b + 1, keep], v[b : b + 1, keep],
+                                       k_txt[s:e], v_txt[s:e], cu,
+                                       softmax_scale=self.softmax_scale))  # fmt: skip
+    return self.o_proj(torch.cat(outs).reshape(B, L, H * Dh))
 
 
 def answers(engine: Engine, samples, tokens: int, blocks, allowed, batch: int) -> list[str]:

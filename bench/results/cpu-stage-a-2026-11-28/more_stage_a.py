@@ -46,8 +46,8 @@ def main() -> None:
                           val_every=1)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     res = train_vision(vlm, run, print)
-    (args.out / "stage_a.json").write_text(json.dumps({"argv": vars(args) | {"out": str(args.out)},
-                                                       "stage_a": res}, indent=1) + "\n")  # fmt: skip
+    summary = {"argv": vars(args) | {"out": str(args.out)}, "stage_a": res}
+    (args.out / "stage_a.json").write_text(json.dumps(summary, indent=1) + "\n")
     if not args.frozen:
         vlm.save_pretrained(args.out / "model")
 
