@@ -95,8 +95,8 @@ def main() -> None:
         asked[i, asked_cells(s)] = True
         word[i] = np.isin(s.meta["id_grid"].ravel(), s.meta["char_ids"])
     everything = np.ones_like(asked)
-    conditions = {  # name: (blocks, allowed); None: the model as trained
-        "as trained": None,
+    conditions = {  # name: (blocks whose attention is limited, allowed patches)
+        "as trained": ((), everything),
         "all patches": ((0, 1), everything),
         "word, both blocks": ((0, 1), word),
         "asked, last block": ((1,), asked),
@@ -110,14 +110,8 @@ def main() -> None:
             row, base = {}, None
             for name, cond in conditions.items():
                 t = time.perf_counter()
-                if cond is None:
-                    texts = engine.generate([s.image for s in samples],
-                                            [s.question for s in samples], tokens=tokens,
-                                            reducer="fusion", max_new_tokens=4,
-                                            batch_size=args.batch_size).texts  # fmt: skip
-                    base = texts
-                else:
-                    texts = answers(engine, samples, tokens, *cond, args.batch_size)
+                texts = answers(engine, samples, tokens, *cond, args.batch_size)
+                base = texts if name == "as trained" else base
                 if name == "all patches" and texts != base:
                     raise RuntimeError("the masked path with every patch allowed changed answers")
                 got = [
