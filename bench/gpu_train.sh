@@ -12,7 +12,9 @@
 #   A-noq   fusion-noq, seed 0, stage c on cache A                 <- the question-free pair
 #   A-b64   fusion, seed 0, batch 64 (the CPU recipe's), cache A   <- batch size vs steps
 #   A-select fusion, seed 0, --select-image, stage c on cache A   <- does N_l=1 then score lower?
-# FAMILY_WEIGHTS (e.g. counting=2,spatial=6,text=2,chart=2) is passed to every run's stage c.
+# FAMILY_WEIGHTS (e.g. counting=2,spatial=6,text=2,chart=2) is passed to every run's stage c;
+# from scratch, leave it unset: on the CPU, 2,400 steps without weights scored 0.598 against
+# 0.546 with those (bench/results/cpu-spatial-2026-11-28/).
 # Each model directory (with its log) comes back as a .tgz under $OUT; score them on the test
 # split where they land (python -m tokengine.eval or tokengine.training.scoring.evaluate_split),
 # not on the device.
