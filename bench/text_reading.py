@@ -39,21 +39,15 @@ from token_probe import checked_engine, probe_accuracy  # a script beside this o
 from tokengine.data.synthetic import GRID, Sample, asked_cells, normalize_answer
 from tokengine.engine import Engine
 from tokengine.models import tiny
-from tokengine.models.preprocess import preprocess_images
 from tokengine.models.reducer import recorded_attn_mass
+from tokengine.training.cache import encode_samples
 from tokengine.training.scoring import validation_split
 
 
 def vit_probes(engine: Engine, samples: list[Sample], n_train: int, batch_size: int) -> dict:
     """Held-out accuracy of linear probes that read the asked character off the ViT grid."""
-    vlm = engine.vlm
-    grids = []
-    with torch.inference_mode():
-        for i in range(0, len(samples), batch_size):
-            images = [s.image for s in samples[i : i + batch_size]]
-            pixels = preprocess_images(images, vlm.image_processor).to(engine.device, vlm.dtype)
-            grids.append(vlm.encode_images(pixels).float().cpu())
-    grid = torch.cat(grids)  # (R, GRID * GRID, Dv)
+    # (R, GRID * GRID, Dv) in float32, as the ViT computes them (the cache rounds to float16)
+    grid = torch.from_numpy(encode_samples(engine.vlm, samples, batch_size, torch.float32))
     covered, window = [], []
     for s, g in zip(samples, grid, strict=True):
         cells = asked_cells(s)  # never empty for the validation split's questions
