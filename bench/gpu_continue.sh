@@ -17,6 +17,8 @@ STAGE_C_MIN=${STAGE_C_MIN:-3}
 LR=${LR:-1e-3}
 CACHE_SAMPLES=${CACHE_SAMPLES:-100000}
 FAMILY_WEIGHTS=${FAMILY_WEIGHTS:-}  # e.g. counting=2,spatial=2,text=2,chart=2
+# a new chain's second step: leave it unset; on the CPU, spatial 6 did not teach spatial relations
+# and cost existence (bench/results/cpu-spatial-2026-11-28/, second follow-up)
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$R"
 source bench/gpu_env.sh
