@@ -59,14 +59,16 @@ def _records(vlm: VLM, samples) -> list[dict]:
 
 
 @torch.inference_mode()
-def encode_pixels(vlm: VLM, pixels: torch.Tensor, dtype=torch.float16) -> np.ndarray:
+def encode_pixels(vlm: VLM, pixels: torch.Tensor, dtype: torch.dtype = torch.float16) -> np.ndarray:
     """The frozen ViT's grids (B, 576, Dv) on the host, in ``dtype`` (the cache's float16 by
     default), of pixels (B, 3, H, W)."""
     pixels = pixels.to(model_device(vlm), vlm.dtype)
     return vlm.encode_images(pixels).to(dtype).cpu().numpy()
 
 
-def encode_samples(vlm: VLM, samples, chunk: int = 128, dtype=torch.float16) -> np.ndarray:
+def encode_samples(
+    vlm: VLM, samples, chunk: int = 128, dtype: torch.dtype = torch.float16
+) -> np.ndarray:
     """:func:`encode_pixels` of the samples' images, ``chunk`` at a time."""
     return np.concatenate([
         encode_pixels(vlm, preprocess_images([s.image for s in samples[i : i + chunk]],
