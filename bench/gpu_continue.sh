@@ -18,8 +18,11 @@ LR=${LR:-1e-3}
 CACHE_SAMPLES=${CACHE_SAMPLES:-100000}
 FAMILY_WEIGHTS=${FAMILY_WEIGHTS:-}  # e.g. counting=2,spatial=2,text=2,chart=2
 # a new chain's second step: leave it unset; on the CPU, spatial 6 did not teach spatial relations
-# and cost existence. Once existence, colour and shape are learned, spatial=100 for a step, then
-# one unset, taught them on the CPU; try it beside an unset control (same results folder)
+# and cost existence. Once existence, colour and shape are learned, give each family not yet
+# learned a step of its own (e.g. spatial=100), then an unset one: on the CPU that taught spatial
+# relations and charts where as many unset steps did not (not counting or text); keep an unset
+# control beside it
+# (bench/results/cpu-spatial-2026-11-28/)
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$R"
 source bench/gpu_env.sh
