@@ -21,8 +21,7 @@ FAMILY_WEIGHTS=${FAMILY_WEIGHTS:-}  # e.g. counting=2,spatial=2,text=2,chart=2
 # and cost existence. Once existence, colour and shape are learned, give each family not yet
 # learned a step of its own (e.g. spatial=100), then an unset one: on the CPU that taught spatial
 # relations and charts where as many unset steps did not (not counting or text); keep an unset
-# control beside it
-# (bench/results/cpu-spatial-2026-11-28/)
+# control beside it (bench/results/cpu-spatial-2026-11-28/)
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$R"
 source bench/gpu_env.sh
