@@ -322,6 +322,58 @@ def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
     assert summary["stage_c"]["steps"] == 7 and summary["stage_c"]["samples_seen"] == 56
 
 
+def test_train_cli_resumes_stage_a_and_then_stage_b(tmp_path, monkeypatch):
+    """Killed in stage a after its state was saved at step 3, then again in stage b, a run
+    continued with ``--resume`` ends with the same ViT and model as one that ran at once, and
+    does not train stage a twice; a resume with another stage-a seed is refused."""
+    import tokengine.train as train
+    from tokengine.training import vision
+
+    def run(name: str, *extra: str) -> None:
+        train.main(["--output", str(tmp_path / name), "--cache", str(tmp_path / f"cache-{name}"),
+                    "--vision-steps", "5", "--vision-batch-size", "4", "--cache-samples", "8",
+                    "--val-samples", "8", "--steps", "2", "--batch-size", "8", "--min-batch",
+                    "8", "--tokens", "1,4", "--warmup", "1", "--save-every", "3",
+                    "--val-every", "0", *extra])  # fmt: skip
+
+    def dies(after: int, real):
+        calls = []
+
+        def step(*args):
+            calls.append(1)
+            if len(calls) > after:
+                raise KeyboardInterrupt
+            return real(*args)
+
+        return step
+
+    run("whole")
+    real_step, real_build = vision.optimizer_step, train.build_cache
+    monkeypatch.setattr(vision, "optimizer_step", dies(4, real_step))
+    with pytest.raises(KeyboardInterrupt):
+        run("split")
+    state = tmp_path / "cache-split" / vision.STAGE_A_STATE
+    assert torch.load(state, weights_only=False)["step"] == 3
+    monkeypatch.setattr(vision, "optimizer_step", real_step)
+    monkeypatch.setattr(train, "build_cache", dies(0, real_build))
+    with pytest.raises(KeyboardInterrupt):
+        run("split", "--resume")
+    assert (tmp_path / "cache-split" / vision.STAGE_A_DONE).is_file() and not state.exists()
+    with pytest.raises(SystemExit, match="other settings"):
+        run("split", "--resume", "--seed", "1")
+    monkeypatch.setattr(train, "build_cache", real_build)
+    monkeypatch.setattr(vision, "optimizer_step", dies(0, real_step))  # stage a must not rerun
+    run("split", "--resume")
+    vit = [torch.load(tmp_path / f"cache-{n}" / "vision.pt") for n in ("whole", "split")]
+    assert vit[0].keys() == vit[1].keys()
+    assert all(torch.equal(vit[0][k], vit[1][k]) for k in vit[0])
+    whole = VLM.from_pretrained(tmp_path / "whole").state_dict()
+    split = VLM.from_pretrained(tmp_path / "split").state_dict()
+    assert all(torch.equal(whole[k], split[k]) for k in whole)
+    stage_a = json.loads((tmp_path / "split" / "training.json").read_text())["cache"]["stage_a"]
+    assert stage_a["steps"] == 5 and stage_a["images"] == 20
+
+
 def test_family_weights_repeat_a_family_in_the_order():
     from tokengine.training.stage_c import parse_family_weights, weighted_order
 

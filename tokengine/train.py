@@ -179,7 +179,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--save-every", type=int, default=200, help="steps between state saves; default %(default)s"
     )
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run: stage a from the state saved in --cache (or, once it has "
+        "ended, from stage b), stage c from OUTPUT/train_state.pt",
+    )
     start = p.add_mutually_exclusive_group()
     start.add_argument(
         "--init",
@@ -312,7 +317,9 @@ def main(argv=None) -> dict:
     if not (cache / "meta.json").is_file():
         # a model to continue (or lend its ViT) brings that ViT: cache the grids it makes
         stage_a = (
-            init_stage_a(Path(vision_source)) if vision_source else train_vision(vlm, args, log)
+            init_stage_a(Path(vision_source))
+            if vision_source
+            else train_vision(vlm, args, log, cache)
         )
         build_cache(vlm, args, cache, stage_a, log)
     else:

@@ -8,10 +8,12 @@ shape labels alone stayed at chance).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from functools import partial
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +32,10 @@ from tokengine.training.common import (
     segment_mean,
     stream_batches,
 )
+
+# in the cache directory, so that a killed run's --resume finds them before the cache is built
+STAGE_A_STATE = "stage_a_state.pt"  # stage a's resume state, every --save-every steps
+STAGE_A_DONE = "stage_a.json"  # stage a's result, written with the ViT it trained (vision.pt)
 
 
 class DenseHeads(nn.Module):
@@ -127,17 +133,42 @@ def patch_accuracy(vlm: VLM, heads: DenseHeads, samples) -> dict[str, float]:
     return acc
 
 
-def train_vision(vlm: VLM, args, log) -> dict:
-    """Stage a: dense supervision of the vision tower, for a time or step budget."""
+def train_vision(vlm: VLM, args, log, cache: Path) -> dict:
+    """Stage a: dense supervision of the vision tower, for a time or step budget.
+
+    Its state is saved under ``cache`` every ``--save-every`` steps and its ViT when it ends,
+    before stage b, so ``--resume`` continues a killed run from the last save (the same weights
+    as an uninterrupted run) or, once stage a has ended, from stage b.
+    """
     if not args.vision_steps and not args.vision_minutes > 0:
         raise SystemExit(
             f"--vision-minutes must be > 0 when --vision-steps is not given (stage a runs: no "
             f"--init, no --vision-from and no feature cache yet), got {args.vision_minutes}"
         )
     dev = model_device(vlm)
+    cache.mkdir(parents=True, exist_ok=True)
+    done_file, state_file = cache / STAGE_A_DONE, cache / STAGE_A_STATE
+    settings = {"seed": args.seed, "vision_batch_size": args.vision_batch_size,
+                "vision_steps": args.vision_steps, "vision_minutes": args.vision_minutes,
+                "vision_lr": args.vision_lr}  # fmt: skip
+    if args.resume and done_file.is_file():
+        res = json.loads(done_file.read_text())
+        _check_settings(res.pop("settings"), settings, done_file)
+        vlm.vision.load_state_dict(torch.load(cache / "vision.pt", map_location=dev))
+        log(f"stage a: ended before, its ViT reused ({done_file})")
+        return res
     heads = DenseHeads(vlm.config.vision.hidden_size).to(dev)
     params = list(vlm.vision.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.01)
+    step, spent, hist = 0, 0.0, []
+    if args.resume and state_file.is_file():
+        st = torch.load(state_file, map_location=dev, weights_only=False)
+        _check_settings(st["settings"], settings, state_file)
+        vlm.vision.load_state_dict(st["vision"])
+        heads.load_state_dict(st["heads"])
+        opt.load_state_dict(st["optim"])
+        step, spent, hist = st["step"], st["spent"], st["hist"]
+        log(f"stage a: resumed at step {step} ({spent:.0f} s spent)")
     budget = args.vision_minutes * 60
     # background (the last class) is most patches: weigh it down so objects are learned
     weights = {k: torch.ones(n) for k, n in DenseHeads.SIZES.items()}
@@ -146,11 +177,12 @@ def train_vision(vlm: VLM, args, log) -> dict:
     weights["centre"][1] = 5.0
     weights = {k: w.to(dev) for k, w in weights.items()}
     prepare = partial(dense_batch, processor=vlm.image_processor)
-    batches = stream_batches(args.seed, 0, 2**62, args.vision_batch_size, prepare, args.workers)
+    batches = stream_batches(args.seed, step * args.vision_batch_size, 2**62,
+                             args.vision_batch_size, prepare, args.workers)  # fmt: skip
     val = list(islice(train_stream(args.seed + VAL_STREAM_OFFSET, IMAGE_SIZE), 256))
     vlm.vision.train()
-    t0, step, hist = time.perf_counter(), 0, []
-    bar = tqdm(desc="a: dense vision", unit="step", file=sys.stdout, mininterval=5)
+    t0 = time.perf_counter() - spent
+    bar = tqdm(desc="a: dense vision", unit="step", file=sys.stdout, mininterval=5, initial=step)
     for pixels, targets, segments, shapes in batches:
         elapsed = time.perf_counter() - t0
         frac = step / args.vision_steps if args.vision_steps else elapsed / budget
@@ -180,9 +212,28 @@ def train_vision(vlm: VLM, args, log) -> dict:
         if args.val_every and step % 100 == 0:
             log(f"  step {step} loss {np.mean(hist[-20:]):.3f} patch accuracy "
                 f"{patch_accuracy(vlm, heads, val[:64])}")  # fmt: skip
+        if step % args.save_every == 0:
+            state = {"vision": vlm.vision.state_dict(), "heads": heads.state_dict(),
+                     "optim": opt.state_dict(), "step": step, "hist": hist,
+                     "spent": time.perf_counter() - t0, "settings": settings}  # fmt: skip
+            torch.save(state, state_file.with_suffix(".tmp"))
+            state_file.with_suffix(".tmp").replace(state_file)  # a kill mid-save keeps the last
     bar.close()
     acc = patch_accuracy(vlm, heads, val)
     res = {"steps": step, "seconds": time.perf_counter() - t0, "final_loss": hist[-1] if hist else
            None, "patch_accuracy_fg": acc, "images": step * args.vision_batch_size}  # fmt: skip
     log(f"stage a: {res}")
+    torch.save({k: v.cpu() for k, v in vlm.vision.state_dict().items()}, cache / "vision.pt")
+    done_file.write_text(json.dumps({**res, "settings": settings}, indent=2))
+    state_file.unlink(missing_ok=True)
     return res
+
+
+def _check_settings(saved: dict, given: dict, path: Path) -> None:
+    """A resumed stage a must be the one saved: the same seed, batch and budget."""
+    changed = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
+    if changed:
+        raise SystemExit(
+            f"--resume: {path} was saved by a stage a with other settings (saved, given): "
+            f"{changed}; give those or a new --cache"
+        )

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Train tokengine-tiny from scratch on the CPU in six `python -m tokengine.train` steps, in the
+# order the CPU experiments found to teach spatial relations and charts
+# (bench/results/cpu-spatial-2026-11-28/): from the repo root,
+#   bash bench/cpu_chain.sh DIR [SEED]
+# (THREADS overrides the torch threads, 1 by default: the weights depend on it, and two chains
+# side by side on 2 cores run one each.) Step counts, not minutes, set every budget, so a chain
+# run with the same SEED and THREADS ends with the same weights. Every step saves its state and
+# is run with --resume, so the script, run again after a kill, goes on where it stopped; steps
+# already done (their training.json written) are skipped.
+#   s1: stage a (2,211 steps x 128 images, as the shipped chain's first GPU step), stage b
+#       (50,000 cached grids in DIR/cache), stage c 2,400 steps at lr 2e-3, every family alike
+#   s2: 2,400 more steps at lr 1e-3, every family alike (existence, colour, shape learned)
+#   s3: 1,500 steps of spatial questions (spatial=100), s4: 1,500 steps every family alike
+#   s5: 1,500 steps of chart questions (chart=100), s6: 1,500 steps every family alike
+set -euo pipefail
+DIR=${1:?usage: bash bench/cpu_chain.sh DIR [SEED]}
+SEED=${2:-0}
+THREADS=${THREADS:-1}
+mkdir -p "$DIR"
+COMMON=(--variant fusion --seed "$SEED" --cache "$DIR/cache" --cache-samples 50000
+  --tokens 1,1,4,4,16,16,64,64,144,256,576 --batch-size 256 --warmup 100 --threads "$THREADS"
+  --val-every 6 --save-every 200 --resume)
+
+run_step() {  # NAME FROM ARGS...: one step, unless it is done
+  local name=$1 from=$2
+  shift 2
+  if [ -f "$DIR/$name/training.json" ]; then
+    echo "$name: done before"
+    return
+  fi
+  echo "$name: started $(date -u '+%F %T') UTC"
+  python -m tokengine.train "${COMMON[@]}" ${from:+--init "$DIR/$from"} --output "$DIR/$name" \
+    "$@" >> "$DIR/$name.log" 2>&1
+  echo "$name: done $(date -u '+%F %T') UTC"
+}
+
+run_step s1 "" --vision-steps 2211 --vision-batch-size 128 --steps 2400 --lr 2e-3
+run_step s2 s1 --steps 2400 --lr 1e-3
+run_step s3 s2 --steps 1500 --lr 1e-3 --family-weights spatial=100
+run_step s4 s3 --steps 1500 --lr 1e-3
+run_step s5 s4 --steps 1500 --lr 1e-3 --family-weights chart=100
+run_step s6 s5 --steps 1500 --lr 1e-3
