@@ -177,7 +177,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="minutes between validations; default %(default)s",
     )
     p.add_argument(
-        "--save-every", type=int, default=200, help="steps between state saves; default %(default)s"
+        "--save-every",
+        type=int,
+        default=200,
+        help="steps between state saves, in stage a and in stage c (0: none); default %(default)s",
     )
     p.add_argument(
         "--resume",

@@ -212,7 +212,7 @@ def train_vision(vlm: VLM, args, log, cache: Path) -> dict:
         if args.val_every and step % 100 == 0:
             log(f"  step {step} loss {np.mean(hist[-20:]):.3f} patch accuracy "
                 f"{patch_accuracy(vlm, heads, val[:64])}")  # fmt: skip
-        if step % args.save_every == 0:
+        if args.save_every and step % args.save_every == 0:
             state = {"vision": vlm.vision.state_dict(), "heads": heads.state_dict(),
                      "optim": opt.state_dict(), "step": step, "hist": hist,
                      "spent": time.perf_counter() - t0, "settings": settings}  # fmt: skip
