@@ -282,6 +282,19 @@ def test_train_cli_vision_from_takes_only_the_vit(tmp_path, monkeypatch):
                     "--vision-from", str(other), *small])  # fmt: skip
 
 
+def dies_after(calls: int, real):
+    """``real``, which raises KeyboardInterrupt (a kill) when called the ``calls + 1``-th time."""
+    made = []
+
+    def call(*args):
+        made.append(1)
+        if len(made) > calls:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    return call
+
+
 def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
     tmp_path, monkeypatch
 ):
@@ -300,15 +313,8 @@ def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
                     "--family-weights", "text=2,chart=3", *extra])  # fmt: skip
 
     run(tmp_path / "whole")
-    real_step, calls = stage_c.optimizer_step, []
-
-    def dies_at_step_5(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(stage_c, "optimizer_step", dies_at_step_5)
+    real_step = stage_c.optimizer_step
+    monkeypatch.setattr(stage_c, "optimizer_step", dies_after(4, real_step))
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "split")
     monkeypatch.setattr(stage_c, "optimizer_step", real_step)
@@ -336,33 +342,23 @@ def test_train_cli_resumes_stage_a_and_then_stage_b(tmp_path, monkeypatch):
                     "8", "--tokens", "1,4", "--warmup", "1", "--save-every", "3",
                     "--val-every", "0", *extra])  # fmt: skip
 
-    def dies(after: int, real):
-        calls = []
-
-        def step(*args):
-            calls.append(1)
-            if len(calls) > after:
-                raise KeyboardInterrupt
-            return real(*args)
-
-        return step
-
     run("whole")
     real_step, real_build = vision.optimizer_step, train.build_cache
-    monkeypatch.setattr(vision, "optimizer_step", dies(4, real_step))
+    monkeypatch.setattr(vision, "optimizer_step", dies_after(4, real_step))
     with pytest.raises(KeyboardInterrupt):
         run("split")
     state = tmp_path / "cache-split" / vision.STAGE_A_STATE
     assert torch.load(state, weights_only=False)["step"] == 3
     monkeypatch.setattr(vision, "optimizer_step", real_step)
-    monkeypatch.setattr(train, "build_cache", dies(0, real_build))
+    monkeypatch.setattr(train, "build_cache", dies_after(0, real_build))
     with pytest.raises(KeyboardInterrupt):
         run("split", "--resume")
     assert (tmp_path / "cache-split" / vision.STAGE_A_DONE).is_file() and not state.exists()
     with pytest.raises(SystemExit, match="other settings"):
         run("split", "--resume", "--seed", "1")
     monkeypatch.setattr(train, "build_cache", real_build)
-    monkeypatch.setattr(vision, "optimizer_step", dies(0, real_step))  # stage a must not rerun
+    # stage a must not train again
+    monkeypatch.setattr(vision, "optimizer_step", dies_after(0, real_step))
     run("split", "--resume")
     vit = [torch.load(tmp_path / f"cache-{n}" / "vision.pt") for n in ("whole", "split")]
     assert vit[0].keys() == vit[1].keys()
