@@ -370,6 +370,46 @@ def test_train_cli_resumes_stage_a_and_then_stage_b(tmp_path, monkeypatch):
     assert stage_a["steps"] == 5 and stage_a["images"] == 20
 
 
+def test_chain_state_carries_a_killed_run_to_a_new_disk(tmp_path, monkeypatch):
+    """``bench/cpu_chain_state.sh`` saves a chain killed in stage c without its feature cache;
+    restored into another directory, the run resumes at its saved step (rebuilding the cache
+    from the saved ViT, not training it again) and ends with the same weights as an
+    uninterrupted run."""
+    import subprocess
+
+    import tokengine.train as train
+    from tokengine.training import stage_c, vision
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_chain_state.sh"
+
+    def run(chain: Path, *extra: str) -> None:
+        train.main(["--output", str(chain / "s1"), "--cache", str(chain / "cache"),
+                    "--vision-steps", "2", "--vision-batch-size", "4", "--cache-samples", "16",
+                    "--val-samples", "8", "--steps", "5", "--batch-size", "8", "--min-batch",
+                    "8", "--tokens", "1,4", "--warmup", "1", "--save-every", "3",
+                    "--val-every", "0", *extra])  # fmt: skip
+
+    run(tmp_path / "whole")
+    real_step = stage_c.optimizer_step
+    monkeypatch.setattr(stage_c, "optimizer_step", dies_after(4, real_step))
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(stage_c, "optimizer_step", real_step)
+    state = tmp_path / "state"
+    subprocess.run(["bash", script, "save", tmp_path / "killed", state], check=True)
+    carried = {p.relative_to(state).as_posix() for p in state.rglob("*") if p.is_file()}
+    assert carried == {"cache/stage_a.json", "cache/vision.pt", f"s1/{train.STATE_FILE}"}
+    subprocess.run(["bash", script, "restore", state, tmp_path / "new"], check=True)
+    # neither stage a nor stage c's first 3 steps may run again
+    monkeypatch.setattr(vision, "optimizer_step", dies_after(0, vision.optimizer_step))
+    monkeypatch.setattr(stage_c, "optimizer_step", dies_after(2, real_step))
+    run(tmp_path / "new", "--resume")
+    whole = VLM.from_pretrained(tmp_path / "whole" / "s1").state_dict()
+    new = VLM.from_pretrained(tmp_path / "new" / "s1").state_dict()
+    assert whole.keys() == new.keys()
+    assert all(torch.equal(whole[k], new[k]) for k in whole)
+
+
 def test_family_weights_repeat_a_family_in_the_order():
     from tokengine.training.stage_c import parse_family_weights, weighted_order
 
