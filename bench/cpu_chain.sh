@@ -7,7 +7,8 @@
 # side by side on 2 cores run one each.) Step counts, not minutes, set every budget, so a chain
 # run with the same SEED and THREADS ends with the same weights. Every step saves its state and
 # is run with --resume, so the script, run again after a kill, goes on where it stopped; steps
-# already done (their training.json written) are skipped.
+# already done (their training.json written) are skipped; bench/cpu_chain_state.sh carries that
+# state to a new machine where the disk does not outlive a session.
 #   s1: stage a (2,211 steps x 128 images, as the shipped chain's first GPU step), stage b
 #       (50,000 cached grids in DIR/cache), stage c 2,400 steps at lr 2e-3, every family alike
 #   s2: 2,400 more steps at lr 1e-3, every family alike (existence, colour, shape learned)
