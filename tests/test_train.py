@@ -295,6 +295,17 @@ def dies_after(calls: int, real):
     return call
 
 
+def killed_in_stage_c(monkeypatch, run, out: Path) -> None:
+    """``run(out)`` killed at stage c's fifth optimiser step (after a save at step 3)."""
+    from tokengine.training import stage_c
+
+    real_step = stage_c.optimizer_step
+    monkeypatch.setattr(stage_c, "optimizer_step", dies_after(4, real_step))
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    monkeypatch.setattr(stage_c, "optimizer_step", real_step)
+
+
 def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
     tmp_path, monkeypatch
 ):
@@ -303,7 +314,6 @@ def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
     the cache (24 samples, weighted to 30) is passed twice, so the order after a reshuffle
     counts too."""
     import tokengine.train as train
-    from tokengine.training import stage_c
 
     def run(out: Path, *extra: str) -> None:
         train.main(["--output", str(out), "--cache", str(tmp_path / "cache"), "--vision-steps",
@@ -313,11 +323,7 @@ def test_train_cli_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
                     "--family-weights", "text=2,chart=3", *extra])  # fmt: skip
 
     run(tmp_path / "whole")
-    real_step = stage_c.optimizer_step
-    monkeypatch.setattr(stage_c, "optimizer_step", dies_after(4, real_step))
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "split")
-    monkeypatch.setattr(stage_c, "optimizer_step", real_step)
+    killed_in_stage_c(monkeypatch, run, tmp_path / "split")
     assert torch.load(tmp_path / "split" / train.STATE_FILE, weights_only=False)["step"] == 3
     run(tmp_path / "split", "--resume")
     whole = VLM.from_pretrained(tmp_path / "whole").state_dict()
@@ -390,11 +396,7 @@ def test_chain_state_carries_a_killed_run_to_a_new_disk(tmp_path, monkeypatch):
                     "--val-every", "0", *extra])  # fmt: skip
 
     run(tmp_path / "whole")
-    real_step = stage_c.optimizer_step
-    monkeypatch.setattr(stage_c, "optimizer_step", dies_after(4, real_step))
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed")
-    monkeypatch.setattr(stage_c, "optimizer_step", real_step)
+    killed_in_stage_c(monkeypatch, run, tmp_path / "killed")
     state = tmp_path / "state"
     subprocess.run(["bash", script, "save", tmp_path / "killed", state], check=True)
     carried = {p.relative_to(state).as_posix() for p in state.rglob("*") if p.is_file()}
@@ -402,7 +404,7 @@ def test_chain_state_carries_a_killed_run_to_a_new_disk(tmp_path, monkeypatch):
     subprocess.run(["bash", script, "restore", state, tmp_path / "new"], check=True)
     # neither stage a nor stage c's first 3 steps may run again
     monkeypatch.setattr(vision, "optimizer_step", dies_after(0, vision.optimizer_step))
-    monkeypatch.setattr(stage_c, "optimizer_step", dies_after(2, real_step))
+    monkeypatch.setattr(stage_c, "optimizer_step", dies_after(2, stage_c.optimizer_step))
     run(tmp_path / "new", "--resume")
     whole = VLM.from_pretrained(tmp_path / "whole" / "s1").state_dict()
     new = VLM.from_pretrained(tmp_path / "new" / "s1").state_dict()
