@@ -14,6 +14,8 @@ mode=${1:?$usage}
 src=${2:?$usage}
 dst=${3:?$usage}
 [ -d "$src" ] || { echo "$src: no such directory" >&2; exit 2; }
+# save empties STATE first: never when it is the chain itself
+[ "$(realpath -m "$dst")" != "$(realpath "$src")" ] || { echo "$dst is $src" >&2; exit 2; }
 case $mode in
   save)
     rm -rf "$dst"
