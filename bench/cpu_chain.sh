@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train tokengine-tiny from scratch on the CPU in six `python -m tokengine.train` steps, in the
+# Train tokengine-tiny from scratch on the CPU in seven `python -m tokengine.train` steps, in the
 # order the CPU experiments found to teach spatial relations and charts
 # (bench/results/cpu-spatial-2026-11-28/): from the repo root,
 #   bash bench/cpu_chain.sh DIR [SEED]
@@ -14,6 +14,9 @@
 #   s2: 2,400 more steps at lr 1e-3, every family alike (existence, colour, shape learned)
 #   s3: 1,500 steps of spatial questions (spatial=100), s4: 1,500 steps every family alike
 #   s5: 1,500 steps of chart questions (chart=100), s6: 1,500 steps every family alike
+#   s7: 6,000 steps with counting, spatial, text and chart questions drawn more often (the mix of
+#       the shipped chain's last step; added before s6 was scored, see
+#       bench/results/cpu-chain-2026-11-28/README.md)
 set -euo pipefail
 DIR=${1:?usage: bash bench/cpu_chain.sh DIR [SEED]}
 SEED=${2:-0}
@@ -42,3 +45,4 @@ run_step s3 s2 --steps 1500 --lr 1e-3 --family-weights spatial=100
 run_step s4 s3 --steps 1500 --lr 1e-3
 run_step s5 s4 --steps 1500 --lr 1e-3 --family-weights chart=100
 run_step s6 s5 --steps 1500 --lr 1e-3
+run_step s7 s6 --steps 6000 --lr 1e-3 --family-weights counting=2,spatial=6,text=2,chart=2
