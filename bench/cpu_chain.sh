@@ -9,13 +9,13 @@
 # is run with --resume, so the script, run again after a kill, goes on where it stopped; steps
 # already done (their training.json written) are skipped; bench/cpu_chain_state.sh carries that
 # state to a new machine where the disk does not outlive a session.
-#   s1: stage a (2,211 steps x 128 images, as the shipped chain's first GPU step), stage b
+#   s1: stage a (2,211 steps x 128 images, as `A-cont7`'s first GPU step), stage b
 #       (50,000 cached grids in DIR/cache), stage c 2,400 steps at lr 2e-3, every family alike
 #   s2: 2,400 more steps at lr 1e-3, every family alike (existence, colour, shape learned)
 #   s3: 1,500 steps of spatial questions (spatial=100), s4: 1,500 steps every family alike
 #   s5: 1,500 steps of chart questions (chart=100), s6: 1,500 steps every family alike
 #   s7: 6,000 steps with counting, spatial, text and chart questions drawn more often (the mix of
-#       the shipped chain's last step; added before s6 was scored, see
+#       `A-cont7`'s last step; added before s6 was scored, see
 #       bench/results/cpu-chain-2026-11-28/README.md)
 set -euo pipefail
 DIR=${1:?usage: bash bench/cpu_chain.sh DIR [SEED]}
