@@ -9,6 +9,10 @@
 # is run with --resume, so the script, run again after a kill, goes on where it stopped; steps
 # already done (their training.json written) are skipped; bench/cpu_chain_state.sh carries that
 # state to a new machine where the disk does not outlive a session.
+# Partners of a chain on its ViT: CACHE=OTHER/cache trains on another chain's cached grids
+# (stage a and b are then skipped), VARIANT=fusion-noq withholds the question (the paper's
+# ablation), SELECT=1 gives s1 a reducer whose tokens are mixes of image tokens
+# (train --select-image; later steps keep the reducer they continue).
 #   s1: stage a (2,211 steps x 128 images, as `A-cont7`'s first GPU step), stage b
 #       (50,000 cached grids in DIR/cache), stage c 2,400 steps at lr 2e-3, every family alike
 #   s2: 2,400 more steps at lr 1e-3, every family alike (existence, colour, shape learned)
@@ -21,8 +25,12 @@ set -euo pipefail
 DIR=${1:?usage: bash bench/cpu_chain.sh DIR [SEED]}
 SEED=${2:-0}
 THREADS=${THREADS:-1}
+CACHE=${CACHE:-$DIR/cache}
+VARIANT=${VARIANT:-fusion}
+SELECT_S1=()
+if [ "${SELECT:-0}" = 1 ]; then SELECT_S1=(--select-image); fi
 mkdir -p "$DIR"
-COMMON=(--variant fusion --seed "$SEED" --cache "$DIR/cache" --cache-samples 50000
+COMMON=(--variant "$VARIANT" --seed "$SEED" --cache "$CACHE" --cache-samples 50000
   --tokens 1,1,4,4,16,16,64,64,144,256,576 --batch-size 256 --warmup 100 --threads "$THREADS"
   --val-every 6 --save-every 200 --resume)
 
@@ -39,7 +47,8 @@ run_step() {  # NAME FROM ARGS...: one step, unless it is done
   echo "$name: done $(date -u '+%F %T') UTC"
 }
 
-run_step s1 "" --vision-steps 2211 --vision-batch-size 128 --steps 2400 --lr 2e-3
+run_step s1 "" --vision-steps 2211 --vision-batch-size 128 --steps 2400 --lr 2e-3 \
+  ${SELECT_S1[@]+"${SELECT_S1[@]}"}
 run_step s2 s1 --steps 2400 --lr 1e-3
 run_step s3 s2 --steps 1500 --lr 1e-3 --family-weights spatial=100
 run_step s4 s3 --steps 1500 --lr 1e-3
