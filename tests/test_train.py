@@ -412,6 +412,59 @@ def test_chain_state_carries_a_killed_run_to_a_new_disk(tmp_path, monkeypatch):
     assert all(torch.equal(whole[k], new[k]) for k in whole)
 
 
+def _run_chain(tmp_path: Path, env: dict[str, str]) -> list[list[str]]:
+    """The ``python`` command lines one call of ``bench/cpu_chain.sh tmp_path/chain 3`` runs,
+    with a stand-in ``python`` on PATH that records its arguments and writes the
+    ``training.json`` that marks a step done."""
+    import os
+    import subprocess
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    if not bin_dir.is_dir():
+        bin_dir.mkdir()
+        calls.mkdir()
+        fake = bin_dir / "python"
+        fake.write_text('#!/usr/bin/env bash\nn=$(ls "$CALLS" | wc -l)\n'
+                        'printf "%s\\n" "$@" > "$CALLS/$(printf %03d "$n")"\n'
+                        'while [ $# -gt 0 ]; do\n  if [ "$1" = --output ]; then mkdir -p "$2"; '
+                        'touch "$2/training.json"; fi\n  shift\ndone\n')  # fmt: skip
+        fake.chmod(0o755)
+    before = set(calls.iterdir())
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_chain.sh"
+    run_env = {**os.environ, **env, "CALLS": str(calls), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["bash", script, tmp_path / "chain", "3"], check=True, env=run_env,
+                   capture_output=True)  # fmt: skip
+    new = sorted(set(calls.iterdir()) - before)
+    return [f.read_text().split("\n")[:-1] for f in new]
+
+
+def _flag(cmd: list[str], name: str) -> str | None:
+    return cmd[cmd.index(name) + 1] if name in cmd else None
+
+
+def test_cpu_chain_runs_seven_steps_each_continuing_the_last(tmp_path):
+    cmds = _run_chain(tmp_path, {})
+    chain = tmp_path / "chain"
+    steps = [str(chain / f"s{i}") for i in range(1, 8)]
+    assert [_flag(c, "--output") for c in cmds] == steps
+    assert [_flag(c, "--init") for c in cmds] == [None, *steps[:-1]]
+    assert all(_flag(c, "--variant") == "fusion" and _flag(c, "--seed") == "3" for c in cmds)
+    assert all(_flag(c, "--cache") == str(chain / "cache") for c in cmds)
+    assert not any("--select-image" in c for c in cmds)
+    assert _run_chain(tmp_path, {}) == []  # every step is done: a second call runs nothing
+
+
+def test_cpu_chain_partner_settings_reach_its_steps(tmp_path):
+    """CACHE, VARIANT and SELECT make a partner of a chain: another chain's cache for every
+    step, the variant for every step, and the select readout for the new reducer of ``s1``
+    only (train refuses it with --init)."""
+    other = str(tmp_path / "other" / "cache")
+    cmds = _run_chain(tmp_path, {"CACHE": other, "VARIANT": "fusion-noq", "SELECT": "1"})
+    assert len(cmds) == 7
+    assert all(_flag(c, "--cache") == other and _flag(c, "--variant") == "fusion-noq" for c in cmds)
+    assert ["--select-image" in c for c in cmds] == [True] + [False] * 6
+
+
 def test_family_weights_repeat_a_family_in_the_order():
     from tokengine.training.stage_c import parse_family_weights, weighted_order
 

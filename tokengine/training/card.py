@@ -97,8 +97,8 @@ def model_card(summary: dict, vlm: VLM, size_bytes: int, name: str) -> str:
         *([f"Test split scored afterwards with `{' '.join(summary['test_argv'])}`.", ""]
           if "test_argv" in summary else []),
         f"- seed {summary['seed']}; stage c wall time {c['seconds'] / 60:.1f} min "
-        f"({c['steps']} steps, {c['samples_seen']} samples); this run in all "
-        f"{summary['wall_seconds_this_run'] / 60:.1f} min including validation"
+        f"({c['steps']} steps, {c['samples_seen']} samples); the last invocation (the whole run "
+        f"unless resumed) took {summary['wall_seconds_this_run'] / 60:.1f} min including validation"
         f"{' and the test split' if 'test' in summary and 'test_argv' not in summary else ''}.",
         f"- feature cache (stages a and b, shared by the variants; built by the first run that "
         f"found none): dense vision pre-training {a['steps']} steps x "
